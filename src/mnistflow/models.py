@@ -1,0 +1,109 @@
+"""The networks, by architecture name. Each takes raw pixels and returns logits.
+
+Input: (B, 1, 28, 28) float pixel values 0-255 (white digit on black, as in MNIST).
+Output: (B, 10) logits. Scaling lives inside the network, so the trained module, its ONNX
+export and the served model cannot disagree about preprocessing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Mean and standard deviation of the MNIST training pixels, on the 0-1 scale.
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+class Standardize(nn.Module):
+    """0-255 pixels -> zero mean, unit variance, with MNIST's training statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - 255 * MNIST_MEAN) / (255 * MNIST_STD)
+
+
+class FastNet(nn.Module):
+    """LeNet-style CNN: few multiply-adds (about 1 M per image), so an epoch is seconds on a CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            Standardize(),
+            nn.Conv2d(1, 16, 5),  # (B, 1, 28, 28) -> (B, 16, 24, 24)
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # -> (B, 16, 12, 12)
+            nn.Conv2d(16, 32, 5),  # -> (B, 32, 8, 8)
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # -> (B, 32, 4, 4)
+            nn.Flatten(),  # -> (B, 512)
+        )
+        self.head = nn.Sequential(nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # type: ignore[no-any-return]
+
+
+class ClassicNet(nn.Module):
+    """The network of the PyTorch MNIST example (conv32-conv64-fc128), logits out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            Standardize(),
+            nn.Conv2d(1, 32, 3),  # (B, 1, 28, 28) -> (B, 32, 26, 26)
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3),  # -> (B, 64, 24, 24)
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # -> (B, 64, 12, 12)
+            nn.Dropout(0.25),
+            nn.Flatten(),  # -> (B, 9216)
+            nn.Linear(9216, 128),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(128, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+def _conv_bn(c_in: int, c_out: int, kernel: int) -> list[nn.Module]:
+    # No conv bias: batch norm's shift does its job.
+    return [
+        nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(),
+    ]
+
+
+class QualityNet(nn.Module):
+    """A batch-normalised CNN, trained with augmentation for the last tenths of a percent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            Standardize(),
+            *_conv_bn(1, 32, 5),  # (B, 1, 28, 28) -> (B, 32, 28, 28)
+            nn.MaxPool2d(2),  # -> (B, 32, 14, 14)
+            *_conv_bn(32, 64, 3),  # -> (B, 64, 14, 14)
+            nn.MaxPool2d(2),  # -> (B, 64, 7, 7)
+            *_conv_bn(64, 128, 3),  # -> (B, 128, 7, 7)
+            nn.MaxPool2d(2),  # -> (B, 128, 3, 3)
+            nn.Flatten(),  # -> (B, 1152)
+            nn.Dropout(0.3),
+            nn.Linear(1152, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "fast": FastNet,
+    "classic": ClassicNet,
+    "quality": QualityNet,
+}
+
+
+def build(arch: str) -> nn.Module:
+    """A freshly initialised network of the named architecture."""
+    return ARCHITECTURES[arch]()

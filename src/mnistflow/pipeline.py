@@ -1,0 +1,138 @@
+"""The lifecycle stages put together: a tracked training run, and the whole job end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mnistflow import data, reports
+from mnistflow.config import DataConfig, TrackingConfig, TrainConfig, as_dict
+from mnistflow.tracking import TrackedRun
+from mnistflow.train import Reporter, Tee, evaluate, fit, resolve_device
+
+
+@dataclass
+class TrainSummary:
+    """What a tracked training run produced; the CLI prints it, --json prints it as JSON."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    artifact_uri: str
+    preset: str
+    device: str
+    test_accuracy: float
+    test_macro_f1: float
+    # Pure training time (the training loops only); total_seconds is the whole command.
+    train_seconds: float
+    total_seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def train_run(
+    data_config: DataConfig,
+    train_config: TrainConfig,
+    tracking_config: TrackingConfig,
+    progress: Reporter | None = None,
+) -> TrainSummary:
+    """Load MNIST, train, evaluate on the test set, and record all of it as one MLflow run."""
+    started = time.perf_counter()
+    splits = data.load(data_config)
+    # The resolved device ("cpu" or "cuda", never "auto") is what gets logged.
+    device = resolve_device(train_config.device).type
+    train_config = dataclasses.replace(train_config, device=device)  # type: ignore[arg-type]
+    resolved = {
+        "train": as_dict(train_config),
+        "data": {
+            **as_dict(data_config),
+            "source": splits.source,
+            "train_size": len(splits.train),
+            "val_size": len(splits.val),
+            "test_size": len(splits.test),
+        },
+        "tracking": as_dict(tracking_config),
+    }
+
+    with (
+        tempfile.TemporaryDirectory(prefix="mnistflow-") as tmp,
+        TrackedRun(tracking_config) as run,
+    ):
+        out = Path(tmp)
+        config_file = out / "config.json"
+        config_file.write_text(json.dumps(resolved, indent=2, default=str))
+        # First artifact before any training: an unwritable artifact store fails here, fast.
+        run.log_config(resolved, config_file)
+        run.set_tags(train_config.preset, train_config.device, tracking_config.tags)
+        run.log_datasets(splits)
+
+        result = fit(
+            train_config,
+            splits.train,
+            splits.val,
+            Tee(run, progress) if progress else run,
+        )
+
+        test = evaluate(result.model, splits.test)
+        labels = splits.test.labels.numpy()
+        predictions = test.predictions.numpy()
+        per_class = reports.per_class(labels, predictions)
+        final = {
+            "test_loss": test.loss,
+            "test_macro_f1": per_class["macro avg"]["f1-score"],
+            **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
+            "train_seconds": result.train_seconds,
+        }
+        run.log_results(test.accuracy, final)
+
+        report_dir = out / "reports"
+        report_dir.mkdir()
+        reports.write_per_class(per_class, report_dir)
+        reports.confusion_matrix_png(labels, predictions, report_dir / "confusion_matrix.png")
+        reports.misclassified_png(
+            splits.test.images.numpy(),
+            labels,
+            predictions,
+            test.probabilities.numpy().astype(np.float64),
+            report_dir / "misclassified.png",
+        )
+        reports.learning_curves_png(
+            result.step_losses, result.history, report_dir / "learning_curves.png"
+        )
+        run.log_folder(report_dir, "reports")
+
+        # The checkpoint carries what is needed to rebuild the network around the weights.
+        weights = out / "model.pt"
+        torch.save(
+            {
+                "arch": train_config.arch,
+                "config": resolved,
+                "state_dict": result.model.state_dict(),
+            },
+            weights,
+        )
+        run.log_file(weights, "weights")
+
+        total = time.perf_counter() - started
+        run.log_metrics({"total_seconds": total})
+        return TrainSummary(
+            run_id=run.run_id,
+            experiment_id=run.experiment_id,
+            tracking_uri=run.tracking_uri,
+            artifact_uri=run.artifact_uri,
+            preset=train_config.preset,
+            device=train_config.device,
+            test_accuracy=test.accuracy,
+            test_macro_f1=final["test_macro_f1"],
+            train_seconds=result.train_seconds,
+            total_seconds=total,
+        )

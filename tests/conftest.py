@@ -1,0 +1,115 @@
+"""Shared fixtures: the real MNIST files from a local mirror, MLflow stores in temp dirs,
+free loopback ports, and the CLI run in-process or as a child that is always reaped."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mnistflow.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("MNISTFLOW_MNIST_MIRROR") or ROOT.parent / "shared" / "mnist")
+# Small enough to train in about a second, large enough for the model to learn something.
+FAST_ARGS = ["--limit-train", "2000", "--epochs", "2", "--no-system-metrics"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every test reads MNIST from the local mirror and never touches the user's stores."""
+    if not MIRROR.is_dir():
+        pytest.exit(
+            f"MNIST mirror {MIRROR} not found: set MNISTFLOW_MNIST_MIRROR to a folder with the "
+            "four MNIST .gz files.",
+            returncode=4,
+        )
+    saved = dict(os.environ)
+    os.environ["MNISTFLOW_MNIST_MIRROR"] = str(MIRROR)
+    os.environ["MNISTFLOW_DATA_DIR"] = str(tmp_path_factory.mktemp("data-cache"))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh sqlite tracking store; the working dir is tmp_path, so ./mlruns lands there."""
+    monkeypatch.chdir(tmp_path)
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> dict:
+        """The object --json prints on the last line of stdout."""
+        return json.loads(self.stdout.strip().splitlines()[-1])
+
+
+def run_cli(*args: str) -> CliResult:
+    """Invoke the real `mnistflow` entry point in-process (fast: no interpreter start-up)."""
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    return CliResult(result.exit_code, result.stdout, result.stderr)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+@pytest.fixture
+def spawn() -> Iterator:
+    """Start children in their own process groups; all of them are ended at teardown."""
+    children: list[subprocess.Popen[str]] = []
+
+    def start(args: list[str], **kwargs) -> subprocess.Popen[str]:
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        proc = subprocess.Popen(args, start_new_session=True, text=True, **kwargs)
+        children.append(proc)
+        return proc
+
+    yield start
+    for proc in children:
+        reap(proc)
+
+
+def reap(proc: subprocess.Popen[str]) -> None:
+    """End a spawned child and everything it started (e.g. mlflow's huey consumers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    # The helpers may outlive the leader for a moment; the group id still reaches them.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+# The installed entry point, as a user runs it.
+MNISTFLOW = [sys.executable, "-m", "mnistflow"]
