@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import pytest
 from typer.testing import CliRunner
 
@@ -42,6 +43,13 @@ def _hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _forget_tracking_uri() -> Iterator[None]:
+    """In-process CLI calls set MLflow's global tracking URI; each test starts without one."""
+    yield
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
 
 
 @pytest.fixture

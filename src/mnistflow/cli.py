@@ -22,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from mnistflow.config import PRESETS, DataConfig, MnistflowError, TrackingConfig, preset_config
+from mnistflow.registry import MODEL_NAME
 from mnistflow.train import Reporter
 
 app = typer.Typer(
@@ -144,6 +145,7 @@ TrackingUri = Annotated[
         show_default=False,
     ),
 ]
+ModelName = Annotated[str, typer.Option(help="Registered model name.")]
 JsonOut = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON object on the last line.")
 ]
@@ -193,9 +195,13 @@ def train(
     system_metrics: Annotated[
         bool, typer.Option(help="Record CPU, memory and GPU use with MLflow's system metrics.")
     ] = True,
+    register: Annotated[
+        bool, typer.Option(help="Register the logged model; the new version gets @challenger.")
+    ] = False,
+    model_name: ModelName = MODEL_NAME,
     as_json: JsonOut = False,
 ) -> None:
-    """Train a model on MNIST and record the run in MLflow."""
+    """Train a model on MNIST and record the run (and its model) in MLflow."""
     from mnistflow.pipeline import train_run
 
     train_config = preset_config(
@@ -212,7 +218,13 @@ def train(
     )
     bar = ProgressBar(err)
     try:
-        summary = train_run(DataConfig(limit_train=limit_train), train_config, tracking_config, bar)
+        summary = train_run(
+            DataConfig(limit_train=limit_train),
+            train_config,
+            tracking_config,
+            bar,
+            register_as=model_name if register else None,
+        )
     finally:
         bar.stop()
     print_result(summary.as_dict(), as_json, "Training run")
@@ -242,3 +254,40 @@ def ui(
         store = Path(uri.removeprefix("sqlite:///")).resolve().parent
         args += ["--default-artifact-root", str(store / "mlruns")]
     os.execv(sys.executable, args)
+
+
+@app.command()
+@friendly_errors
+def register(
+    run_id: Annotated[str, typer.Argument(help="The training run whose model to register.")],
+    model_name: ModelName = MODEL_NAME,
+    tracking_uri: TrackingUri = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Register a finished run's model as a new version (it gets @challenger)."""
+    from mnistflow import registry
+    from mnistflow.tracking import resolve_tracking_uri
+
+    resolve_tracking_uri(tracking_uri)
+    mv = registry.register(run_id, model_name)
+    result = {"model_name": model_name, "version": str(mv.version), "run_id": run_id}
+    print_result({**result, "description": mv.description}, as_json, "Registered")
+
+
+@app.command()
+@friendly_errors
+def rollback(
+    model_name: ModelName = MODEL_NAME,
+    tracking_uri: TrackingUri = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Move @champion back to the previous champion."""
+    from mlflow.tracking import MlflowClient
+
+    from mnistflow import registry
+    from mnistflow.tracking import resolve_tracking_uri
+
+    resolve_tracking_uri(tracking_uri)
+    was, now = registry.rollback(MlflowClient(), model_name)
+    result = {"model_name": model_name, "rolled_back_from": was, "champion_version": now}
+    print_result(result, as_json, "Rollback")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnistflow import data, reports
+from mnistflow import data, registry, reports
 from mnistflow.config import DataConfig, TrackingConfig, TrainConfig, as_dict
 from mnistflow.tracking import TrackedRun
 from mnistflow.train import Reporter, Tee, evaluate, fit, resolve_device
@@ -34,6 +34,9 @@ class TrainSummary:
     # Pure training time (the training loops only); total_seconds is the whole command.
     train_seconds: float
     total_seconds: float
+    model_uri: str | None = None  # the logged pyfunc model
+    registered_model: str | None = None
+    registered_version: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -44,8 +47,14 @@ def train_run(
     train_config: TrainConfig,
     tracking_config: TrackingConfig,
     progress: Reporter | None = None,
+    log_model: bool = True,
+    register_as: str | None = None,
 ) -> TrainSummary:
-    """Load MNIST, train, evaluate on the test set, and record all of it as one MLflow run."""
+    """Load MNIST, train, evaluate on the test set, and record all of it as one MLflow run.
+
+    log_model: also log the pyfunc and torch models (registry.log_models).
+    register_as: then register the pyfunc under this name (it becomes @challenger).
+    """
     started = time.perf_counter()
     splits = data.load(data_config)
     # The resolved device ("cpu" or "cuda", never "auto") is what gets logged.
@@ -92,7 +101,11 @@ def train_run(
             **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
             "train_seconds": result.train_seconds,
         }
-        run.log_results(test.accuracy, final)
+        logged = None
+        if log_model:
+            logged = registry.log_models(result.model, splits.test.images[:256], out)
+            final["onnx_max_abs_diff"] = logged.onnx_max_abs_diff
+        run.log_results(test.accuracy, final, logged.model_id if logged else None)
 
         report_dir = out / "reports"
         report_dir.mkdir()
@@ -124,7 +137,7 @@ def train_run(
 
         total = time.perf_counter() - started
         run.log_metrics({"total_seconds": total})
-        return TrainSummary(
+        summary = TrainSummary(
             run_id=run.run_id,
             experiment_id=run.experiment_id,
             tracking_uri=run.tracking_uri,
@@ -135,4 +148,10 @@ def train_run(
             test_macro_f1=final["test_macro_f1"],
             train_seconds=result.train_seconds,
             total_seconds=total,
+            model_uri=logged.model_uri if logged else None,
         )
+    if register_as and logged:
+        # After the run has ended: a version points at a finished run.
+        version = registry.register(summary.run_id, register_as, logged.model_uri)
+        summary.registered_model, summary.registered_version = register_as, str(version.version)
+    return summary

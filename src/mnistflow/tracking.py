@@ -223,10 +223,18 @@ class TrackedRun(Reporter):
 
     # -- what is known after training ------------------------------------------------------
 
-    def log_results(self, test_accuracy: float, metrics: Mapping[str, float]) -> None:
-        """Final metrics: the headline one alone, the rest (macro-F1, per class, times) at once."""
-        mlflow.log_metric("test_accuracy", test_accuracy, synchronous=self.synchronous)
-        self.log_metrics(metrics)
+    def log_results(
+        self, test_accuracy: float, metrics: Mapping[str, float], model_id: str | None = None
+    ) -> None:
+        """Final metrics: the headline one alone, the rest (macro-F1, per class, times) at once.
 
-    def log_metrics(self, metrics: Mapping[str, float]) -> None:
-        mlflow.log_metrics(dict(metrics), synchronous=self.synchronous)
+        With model_id they are also linked to the logged model, so MLflow's model views
+        show them.
+        """
+        mlflow.log_metric(
+            "test_accuracy", test_accuracy, synchronous=self.synchronous, model_id=model_id
+        )
+        self.log_metrics(metrics, model_id)
+
+    def log_metrics(self, metrics: Mapping[str, float], model_id: str | None = None) -> None:
+        mlflow.log_metrics(dict(metrics), synchronous=self.synchronous, model_id=model_id)

@@ -1,0 +1,92 @@
+"""The MNIST classifier as an MLflow Python-function model, logged as "model from code".
+
+MLflow copies this file into the logged model and runs it when the model is loaded, so it
+needs only numpy, pandas, onnxruntime and MLflow: no torch and no mnistflow in the serving
+environment. The package never imports it; the ``set_model`` call at the bottom is how a
+model-from-code file tells MLflow which object is the model.
+
+Contract
+    input:  float32 pixels 0-255, white digit on black as in MNIST, shaped (N, 28, 28);
+            classify() also takes (N, 1, 28, 28), (N, 784) and a single (28, 28) digit.
+    output: one row per digit: ``label`` (int) and ``probabilities`` (ten floats).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+
+class InputError(ValueError):
+    """The pixels cannot be classified; the message says why in one sentence."""
+
+
+def as_pixels(data: Any) -> np.ndarray:
+    """Any accepted input as a float32 batch (N, 1, 28, 28) of finite values in 0-255."""
+    if isinstance(data, pd.DataFrame):
+        data = data.to_numpy()
+    try:
+        array = np.asarray(data, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"pixels must be numbers ({e}).") from None
+    if array.shape == (28, 28):
+        array = array[None]
+    if array.ndim == 2 and array.shape[1] == 784:
+        array = array.reshape(-1, 28, 28)
+    if array.ndim == 3 and array.shape[1:] == (28, 28):
+        array = array[:, None]
+    if array.ndim != 4 or array.shape[1:] != (1, 28, 28):
+        raise InputError(
+            f"expected digits shaped (N, 28, 28), (N, 1, 28, 28) or (N, 784); got {array.shape}."
+        )
+    if len(array) == 0:
+        raise InputError("no digits given.")
+    if not np.isfinite(array).all():
+        raise InputError("pixel values must be finite numbers (found NaN or infinity).")
+    if array.min() < 0 or array.max() > 255:
+        raise InputError(
+            f"pixel values must lie in 0-255; got {array.min():g} to {array.max():g}."
+        )
+    return np.ascontiguousarray(array)
+
+
+class MnistClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
+    """ONNX Runtime session over the exported network; its graph ends in a softmax."""
+
+    def load_context(self, context: Any) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        # Small batches dominate serving: one thread per op avoids thread wake-up latency,
+        # and a server runs several requests side by side anyway.
+        # Batch work can ask for more at load time: model_config={"intra_op_threads": 0} (all).
+        config = getattr(context, "model_config", None) or {}
+        options.intra_op_num_threads = int(config.get("intra_op_threads", 1))
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            context.artifacts["onnx_model"], options, providers=["CPUExecutionProvider"]
+        )
+        self.input_name = self.session.get_inputs()[0].name
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, 1, 28, 28) float32 pixels (see as_pixels) -> (N, 10) probabilities."""
+        return self.session.run(None, {self.input_name: pixels})[0]  # type: ignore[no-any-return]
+
+    def classify(self, data: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Labels (N,) and probabilities (N, 10) for any accepted input."""
+        probabilities = self.probabilities(as_pixels(data))
+        return probabilities.argmax(axis=1), probabilities
+
+    # MLflow reads predict()'s input hint: np.ndarray tells it the logged tensor signature,
+    # not the hint, is the schema.
+    def predict(
+        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        labels, probabilities = self.classify(model_input)
+        return pd.DataFrame({"label": labels, "probabilities": list(probabilities)})
+
+
+mlflow.models.set_model(MnistClassifier())
