@@ -13,11 +13,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
+from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from mnistflow import registry
 from mnistflow.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +120,40 @@ def reap(proc: subprocess.Popen[str]) -> None:
     # The helpers may outlive the leader for a moment; the group id still reaches them.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """The environment for MLflow's own commands: they start `uvicorn` and friends by name,
+    so this venv's bin folder must be on PATH, as it is when the venv is activated."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+
+
+def train(*args: str) -> dict:
+    result = run_cli("train", "--no-system-metrics", "--json", *args)
+    assert result.exit_code == 0, result.stderr
+    return result.json()
+
+
+@pytest.fixture(scope="session")
+def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A store with a decent run, registered as mnist v1 and made @champion, and a poor run.
+
+    The promotion tests register both runs again under their own name, "digits", so the
+    tests that use mnist@champion do not depend on the order tests run in.
+    """
+    folder = tmp_path_factory.mktemp("registered")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        good = train("--limit-train", "4000", "--epochs", "2", "--register", "--tracking-uri", uri)
+        poor = train(
+            "--limit-train", "300", "--epochs", "1", "--lr", "0.001", "--seed", "1",
+            "--tracking-uri", uri,
+        )  # fmt: skip
+    registry.make_champion(MlflowClient(uri), "mnist", "1", "test fixture")
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+    yield uri, {"good": good, "poor": poor, "folder": folder}
 
 
 # The installed entry point, as a user runs it.

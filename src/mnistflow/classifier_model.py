@@ -47,9 +47,7 @@ def as_pixels(data: Any) -> np.ndarray:
     if not np.isfinite(array).all():
         raise InputError("pixel values must be finite numbers (found NaN or infinity).")
     if array.min() < 0 or array.max() > 255:
-        raise InputError(
-            f"pixel values must lie in 0-255; got {array.min():g} to {array.max():g}."
-        )
+        raise InputError(f"pixel values must lie in 0-255; got {array.min():g} to {array.max():g}.")
     return np.ascontiguousarray(array)
 
 

@@ -291,3 +291,216 @@ def rollback(
     was, now = registry.rollback(MlflowClient(), model_name)
     result = {"model_name": model_name, "rolled_back_from": was, "champion_version": now}
     print_result(result, as_json, "Rollback")
+
+
+@app.command()
+@friendly_errors
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    model_uri: Annotated[
+        str, typer.Option(help="Model to serve; an alias URI is followed as it moves.")
+    ] = f"models:/{MODEL_NAME}@champion",
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MNISTFLOW_API_KEY",
+            help="Require this key (X-API-Key header) on the predict endpoints.",
+            show_default=False,
+        ),
+    ] = None,
+    poll_seconds: Annotated[
+        float, typer.Option(min=0.1, help="How often to check where the alias points.")
+    ] = 5.0,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Serve the model over HTTP: predict endpoints, health, metrics, a draw-a-digit page."""
+    from mnistflow.serving import ServeConfig, run
+
+    run(
+        ServeConfig(
+            host=host,
+            port=port,
+            model_uri=model_uri,
+            api_key=api_key,
+            poll_seconds=poll_seconds,
+            tracking_uri=tracking_uri,
+        )
+    )
+
+
+MinAccuracy = Annotated[
+    float, typer.Option(min=0, max=1, help="Absolute floor on the challenger's test accuracy.")
+]
+Margin = Annotated[
+    float,
+    typer.Option(min=0, max=1, help="How much worse than the champion the challenger may be."),
+]
+
+
+def print_decision(decision: Mapping[str, Any]) -> None:
+    table = Table(title=f"Promotion of {decision['model_name']}", title_justify="left")
+    table.add_column("version")
+    table.add_column("role")
+    table.add_column("accuracy", justify="right")
+    table.add_column("f1 (weighted)", justify="right")
+    for evidence in decision["evidence"]:
+        m = evidence["metrics"]
+        table.add_row(
+            evidence["version"],
+            evidence["role"],
+            f"{m['accuracy_score']:.4f}",
+            f"{m['f1_score']:.4f}",
+        )
+    out.print(table)
+    verdict = "[bold green]promoted[/]" if decision["promoted"] else "[bold yellow]not promoted[/]"
+    out.print(f"{verdict}: {decision['reason']}")
+    out.print(f"@champion is version {decision['champion_version'] or 'unset'}.")
+
+
+@app.command()
+@friendly_errors
+def promote(
+    model_name: ModelName = MODEL_NAME,
+    version: Annotated[
+        str | None,
+        typer.Option(
+            help="Version to consider [default: the one @challenger points at].", show_default=False
+        ),
+    ] = None,
+    min_accuracy: MinAccuracy = 0.99,
+    margin: Margin = 0.002,
+    tracking_uri: TrackingUri = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Evaluate @challenger against @champion on the test set; move @champion if it passes."""
+    from mnistflow.promotion import promote as run_promotion
+    from mnistflow.tracking import resolve_tracking_uri
+
+    resolve_tracking_uri(tracking_uri)
+    decision = run_promotion(model_name, version, min_accuracy, margin).as_dict()
+    if as_json:
+        print_result(decision, True, "")
+    else:
+        print_decision(decision)
+
+
+@app.command()
+@friendly_errors
+def predict(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="PNG/JPEG files, folders of them, .npy arrays (N, 28, 28) or MNIST IDX files.",
+            show_default=False,
+        ),
+    ],
+    model_uri: Annotated[
+        str, typer.Option(help="Model to use.")
+    ] = f"models:/{MODEL_NAME}@champion",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write results here (.csv or .json) [default: CSV on stdout].", show_default=False
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Digits per model call.")] = 1024,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Classify digits with a logged model (the champion by default).
+
+    Exit code 0: all inputs classified; 3: some inputs could not be read (listed on stderr),
+    the rest were classified.
+    """
+    from mnistflow import inference
+    from mnistflow.tracking import resolve_tracking_uri
+
+    resolve_tracking_uri(tracking_uri)
+    digits = inference.collect(inputs)
+    for source, reason in digits.failures:
+        err.print(f"[yellow]skipped[/] {source}: {reason}", soft_wrap=True)
+    if not len(digits):
+        raise MnistflowError("None of the inputs could be read as a digit.")
+    classifier, _ = inference.load_classifier(model_uri)
+    with Progress(
+        TextColumn("[bold]predict"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("predict", total=len(digits))
+        labels, probabilities = inference.classify(
+            classifier, digits.all_pixels(), batch_size, lambda n: bar.advance(task, n)
+        )
+    inference.write(inference.rows(digits, labels, probabilities), output)
+    known = digits.all_labels()
+    summary = f"{len(digits)} digits classified with {model_uri}"
+    if known is not None:
+        summary += f"; accuracy {float((labels == known).mean()):.2%} against the known labels"
+    err.print(summary + (f"; written to {output}" if output else "") + ".")
+    if digits.failures:
+        err.print(f"[yellow]{len(digits.failures)} input(s) could not be read.[/]")
+        raise typer.Exit(3)
+
+
+@app.command()
+@friendly_errors
+def pipeline(
+    preset: Annotated[Preset, typer.Option(help="Training recipe.")] = Preset["fast"],  # type: ignore[misc]
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Epochs [default: the preset's].", show_default=False)
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[DeviceChoice, typer.Option(help="Where to train.")] = DeviceChoice.auto,
+    limit_train: Annotated[
+        int | None, typer.Option(min=1, help="Train on only the first N training images.")
+    ] = None,
+    model_name: ModelName = MODEL_NAME,
+    min_accuracy: MinAccuracy = 0.99,
+    margin: Margin = 0.002,
+    samples: Annotated[
+        Path, typer.Option(help="Folder for the sample test digits written as PNGs.")
+    ] = Path("sample-digits"),
+    tracking_uri: TrackingUri = None,
+    as_json: JsonOut = False,
+) -> None:
+    """The whole job: train and register, promote by evaluation, classify sample digits."""
+    from mnistflow.pipeline import run_pipeline
+
+    train_config = preset_config(preset.value, epochs=epochs, seed=seed, device=device.value)
+    tracking_config = TrackingConfig(
+        tracking_uri=tracking_uri,
+        description="mnistflow pipeline: train, register, promote.",
+        tags={"job": "pipeline"},
+    )
+    bar = ProgressBar(err)
+    try:
+        result = run_pipeline(
+            DataConfig(limit_train=limit_train),
+            train_config,
+            tracking_config,
+            model_name,
+            min_accuracy,
+            margin,
+            samples,
+            bar,
+        )
+    finally:
+        bar.stop()
+    if as_json:
+        print_result(result, True, "")
+        return
+    print_result(result["train"], False, "Training run")
+    print_decision(result["promotion"])
+    s = result["samples"]
+    out.print(
+        f"Sample digits in {s['folder']}/: true {s['true']}, predicted {s['predicted']} "
+        f"({s['correct']}/{len(s['true'])} right)."
+    )
+    err.print(
+        "Next: [bold]mnistflow ui[/] to browse runs and models; "
+        f"[bold]mnistflow predict {s['folder']}[/] for your own images; "
+        "[bold]mnistflow serve[/] for the HTTP service and draw-a-digit page."
+    )

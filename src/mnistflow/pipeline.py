@@ -155,3 +155,53 @@ def train_run(
         version = registry.register(summary.run_id, register_as, logged.model_uri)
         summary.registered_model, summary.registered_version = register_as, str(version.version)
     return summary
+
+
+def write_sample_digits(data_config: DataConfig, folder: Path, count: int = 10) -> list[int]:
+    """Save the first test digits as ordinary PNGs (dark ink on white, 4x larger, as a user's
+    scan would be), so predicting them exercises the image path; returns their true labels."""
+    from PIL import Image
+
+    test = data.load(data_config).test
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        digit = 255 - test.images[i, 0].numpy()
+        Image.fromarray(digit).resize((112, 112), Image.Resampling.BICUBIC).save(
+            folder / f"test-{i:02d}.png"
+        )
+    return [int(x) for x in test.labels[:count]]
+
+
+def run_pipeline(
+    data_config: DataConfig,
+    train_config: TrainConfig,
+    tracking_config: TrackingConfig,
+    model_name: str = registry.MODEL_NAME,
+    min_accuracy: float = 0.99,
+    margin: float = 0.002,
+    samples: Path = Path("sample-digits"),
+    progress: Reporter | None = None,
+) -> dict[str, Any]:
+    """The whole job: train and register, promote by evaluation, classify sample digits."""
+    from mnistflow import inference, promotion
+
+    summary = train_run(
+        data_config, train_config, tracking_config, progress, register_as=model_name
+    )
+    decision = promotion.promote(
+        model_name, summary.registered_version, min_accuracy, margin, data_config
+    )
+    truth = write_sample_digits(data_config, samples)
+    classifier, _ = inference.load_classifier(f"models:/{model_name}@champion")
+    digits = inference.collect([samples])
+    labels, _ = inference.classify(classifier, digits.all_pixels())
+    return {
+        "train": summary.as_dict(),
+        "promotion": decision.as_dict(),
+        "samples": {
+            "folder": str(samples),
+            "true": truth,
+            "predicted": [int(x) for x in labels],
+            "correct": int(sum(t == p for t, p in zip(truth, labels, strict=True))),
+        },
+    }

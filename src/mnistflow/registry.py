@@ -20,7 +20,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -89,6 +88,8 @@ def log_models(network: nn.Module, check_images: torch.Tensor, workdir: Path) ->
         signature=PYFUNC_SIGNATURE,
         input_example=pixels[:2, 0],  # (2, 28, 28): the documented request shape
         pip_requirements=_pins("mlflow", "onnxruntime", "numpy", "pandas"),
+        # Declared so that a loader may override it (batch work asks for all cores).
+        model_config={"intra_op_threads": 1},
     )
     pytorch = mlflow.pytorch.log_model(
         network,
@@ -167,7 +168,9 @@ def describe_models(client: MlflowClient) -> str:
     """What exists, for error messages: 'mnist (versions 1-3; @champion=2)'."""
     parts = []
     for model in client.search_registered_models():
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{model.name}'"))
+        versions = sorted(
+            int(v.version) for v in client.search_model_versions(f"name='{model.name}'")
+        )
         aliases = ", ".join(f"@{a}={v}" for a, v in sorted(model.aliases.items()))
         span = f"versions {versions[0]}-{versions[-1]}" if versions else "no versions"
         parts.append(f"{model.name} ({span}{'; ' + aliases if aliases else ''})")
@@ -204,11 +207,7 @@ def rollback(client: MlflowClient, name: str = MODEL_NAME) -> tuple[str, str]:
     current, previous = history[-1], history[-2]
     client.set_registered_model_alias(name, CHAMPION, previous)
     client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[:-1]))
-    client.set_model_version_tag(name, current, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    client.set_model_version_tag(
+        name, current, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%S")
+    )
     return current, previous
-
-
-def pixels_frame(images: np.ndarray) -> pd.DataFrame:
-    """(N, 1, 28, 28) or (N, 28, 28) pixels as a DataFrame of 784 columns (for evaluation)."""
-    flat = images.reshape(len(images), 784).astype(np.float32)
-    return pd.DataFrame(flat, columns=[f"px{i}" for i in range(784)])

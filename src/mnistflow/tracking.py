@@ -103,8 +103,8 @@ class TrackedRun(Reporter):
             # setting wins.
             os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
         if self.config.system_metrics:
-            mlflow.set_system_metrics_sampling_interval(self.config.system_metrics_interval)  # type: ignore[no-untyped-call]
-            mlflow.set_system_metrics_samples_before_logging(1)  # type: ignore[no-untyped-call]
+            mlflow.set_system_metrics_sampling_interval(self.config.system_metrics_interval)
+            mlflow.set_system_metrics_samples_before_logging(1)
         try:
             experiment = mlflow.set_experiment(self.config.experiment)
             run = mlflow.start_run(
