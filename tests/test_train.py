@@ -11,7 +11,8 @@ import torch
 from conftest import MIRROR
 from mnistflow import data, models
 from mnistflow.config import DataConfig, MnistflowError, preset_config
-from mnistflow.train import Reporter, augment, evaluate, fit
+from mnistflow.reporting import Reporter
+from mnistflow.train import augment, evaluate, fit
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,15 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from mnistflow.config import PRESETS, DataConfig, MnistflowError, TrackingConfig, preset_config
-from mnistflow.registry import MODEL_NAME
-from mnistflow.train import Reporter
+from mnistflow.config import (
+    MODEL_NAME,
+    PRESETS,
+    DataConfig,
+    MnistflowError,
+    TrackingConfig,
+    preset_config,
+)
+from mnistflow.reporting import Reporter
 
 app = typer.Typer(
     no_args_is_help=True,

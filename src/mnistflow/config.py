@@ -14,6 +14,9 @@ from typing import Any, Literal
 
 Device = Literal["auto", "cpu", "cuda"]
 
+# The registered model's default name; its aliases are @champion and @challenger.
+MODEL_NAME = "mnist"
+
 
 class MnistflowError(Exception):
     """An expected failure, told to the user as one sentence (no traceback)."""

@@ -10,11 +10,14 @@ import gzip
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from mnistflow.config import DataConfig, MnistflowError
+
+if TYPE_CHECKING:
+    import torch
 
 # SHA-256 of the original files, as published with the dataset's well-known mirrors.
 FILES: dict[str, str] = {
@@ -155,6 +158,10 @@ def read_idx(path: Path) -> np.ndarray:
 
 def load(config: DataConfig) -> MnistSplits:
     """Fetch, verify, parse and split MNIST into train / validation / test tensors."""
+    # Imported here, where tensors are made: commands that only read IDX files (predict)
+    # then start without loading torch.
+    import torch
+
     paths, source = fetch(config)
     train_x = torch.from_numpy(read_idx(paths["train-images-idx3-ubyte.gz"]).copy())
     train_y = torch.from_numpy(read_idx(paths["train-labels-idx1-ubyte.gz"]).astype(np.int64))

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from mnistflow import data, registry, reports
-from mnistflow.config import DataConfig, TrackingConfig, TrainConfig, as_dict
+from mnistflow.config import MODEL_NAME, DataConfig, TrackingConfig, TrainConfig, as_dict
+from mnistflow.reporting import Reporter, Tee
 from mnistflow.tracking import TrackedRun
-from mnistflow.train import Reporter, Tee, evaluate, fit, resolve_device
+from mnistflow.train import evaluate, fit, resolve_device
 
 
 @dataclass
@@ -176,7 +177,7 @@ def run_pipeline(
     data_config: DataConfig,
     train_config: TrainConfig,
     tracking_config: TrackingConfig,
-    model_name: str = registry.MODEL_NAME,
+    model_name: str = MODEL_NAME,
     min_accuracy: float = 0.99,
     margin: float = 0.002,
     samples: Path = Path("sample-digits"),

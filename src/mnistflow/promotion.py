@@ -25,7 +25,7 @@ from mlflow.models.evaluation.validation import ModelValidationFailedException
 from mlflow.tracking import MlflowClient
 
 from mnistflow import data, registry
-from mnistflow.config import DataConfig, MnistflowError
+from mnistflow.config import MODEL_NAME, DataConfig, MnistflowError
 
 EXPERIMENT = "mnist-promotion"
 
@@ -93,7 +93,7 @@ def _evaluate(
 
 
 def promote(
-    name: str = registry.MODEL_NAME,
+    name: str = MODEL_NAME,
     version: str | None = None,
     min_accuracy: float = 0.99,
     margin: float = 0.002,

@@ -30,9 +30,9 @@ from mlflow.types.schema import Array
 from torch import nn
 
 from mnistflow import export
+from mnistflow.config import MODEL_NAME as MODEL_NAME  # re-exported: the registry's default
 from mnistflow.config import MnistflowError
 
-MODEL_NAME = "mnist"
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
 PACKAGE_DIR = Path(__file__).resolve().parent

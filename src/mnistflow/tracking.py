@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 import mnistflow
 from mnistflow.config import MnistflowError, TrackingConfig
 from mnistflow.data import DATASET_DIGEST, MnistSplits
-from mnistflow.train import Reporter
+from mnistflow.reporting import Reporter
 
 
 def resolve_tracking_uri(uri: str | None) -> str:

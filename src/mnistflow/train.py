@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -18,42 +17,7 @@ from torch import nn
 from mnistflow import models
 from mnistflow.config import MnistflowError, TrainConfig
 from mnistflow.data import Split
-
-
-class Reporter:
-    """Receives progress from fit(); the base class ignores it (tracking switched off)."""
-
-    def start(self, total_steps: int) -> None:
-        """Called once before the first step."""
-
-    def log_steps(
-        self, first_step: int, series: Mapping[str, Sequence[float]], timestamps_ms: Sequence[int]
-    ) -> None:
-        """A block of consecutive steps: series[name][i] belongs to step first_step + i."""
-
-    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        """Metrics of a finished epoch (1-based)."""
-
-
-class Tee(Reporter):
-    """Hands everything to several reporters (e.g. MLflow and a progress bar)."""
-
-    def __init__(self, *reporters: Reporter) -> None:
-        self.reporters = reporters
-
-    def start(self, total_steps: int) -> None:
-        for r in self.reporters:
-            r.start(total_steps)
-
-    def log_steps(
-        self, first_step: int, series: Mapping[str, Sequence[float]], timestamps_ms: Sequence[int]
-    ) -> None:
-        for r in self.reporters:
-            r.log_steps(first_step, series, timestamps_ms)
-
-    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        for r in self.reporters:
-            r.log_epoch(epoch, metrics)
+from mnistflow.reporting import Reporter
 
 
 @dataclass
@@ -160,15 +124,24 @@ class _StepBuffer:
 
 
 def fit(
-    config: TrainConfig, train: Split, val: Split, reporter: Reporter | None = None
+    config: TrainConfig,
+    train: Split,
+    val: Split,
+    reporter: Reporter | None = None,
+    model: nn.Module | None = None,
 ) -> FitResult:
-    """Train a fresh network of config.arch on train, validating on val after each epoch."""
+    """Train a network on train, validating on val after each epoch.
+
+    model: train this network (e.g. to fine-tune it, or to watch it from a reporter)
+    instead of a fresh one of config.arch.
+    """
     reporter = reporter or Reporter()
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
+    model = model if model is not None else models.build(config.arch)
     # channels_last lets oneDNN / cuDNN pick their fastest convolution kernels.
-    model = models.build(config.arch).to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     images, labels = train.images.to(device), train.labels.to(device)
     n = len(labels)
     total_steps = steps_per_epoch(n, config.batch_size) * config.epochs

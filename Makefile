@@ -1,0 +1,53 @@
+# The README's two commands:  `make run` (the whole job) and `make test`.
+# Both set up everything they need on a fresh machine, then do their work.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Where the four MNIST .gz files are, when there is no network (a folder or a base URL).
+# Unset, they are downloaded from the public mirrors into ~/.cache/mnistflow.
+export MNISTFLOW_MNIST_MIRROR
+
+.PHONY: setup run test test-fast lint browser bench clean
+
+# The venv is rebuilt when the requirements change. constraints.txt pins every package
+# (torch included: an unpinned torch would pull a multi-GB CUDA build).
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+## The main job: train, track, register, promote, classify sample digits; then say where to look.
+run: setup
+	$(BIN)/mnistflow pipeline
+
+## Every test, the full-MNIST ones included (about 5 minutes on 2 cores).
+test: setup browser
+	$(BIN)/python -m pytest
+
+## The fast ones only, for the edit-test loop.
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+# The page test drives Debian's Chromium through Playwright (never a downloaded browser).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq chromium >/dev/null || \
+	    { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; \
+	  else echo "The page test needs Debian's chromium: sudo apt-get install chromium"; exit 1; fi; }
+
+## Benchmarks (minutes): training time to accuracy, tracking overhead, inference, serving.
+bench: setup
+	$(BIN)/python benchmarks/bench_training.py
+	$(BIN)/python benchmarks/bench_inference.py
+	$(BIN)/python benchmarks/bench_serving.py
+
+clean:
+	rm -rf $(VENV) mlruns mlartifacts mlflow.db sample-digits test-artifacts benchmarks/results
