@@ -146,8 +146,8 @@ def main() -> None:
 TrackingUri = Annotated[
     str | None,
     typer.Option(
-        help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
-        "in the working directory].",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db "
+        "in the working directory).",
         show_default=False,
     ),
 ]
@@ -162,15 +162,15 @@ JsonOut = Annotated[
 def train(
     preset: Annotated[Preset, typer.Option(help="Training recipe.")] = Preset["fast"],  # type: ignore[misc]
     epochs: Annotated[
-        int | None, typer.Option(min=1, help="Epochs [default: the preset's].", show_default=False)
+        int | None, typer.Option(min=1, help="Epochs (default: the preset's).", show_default=False)
     ] = None,
     batch_size: Annotated[
         int | None,
-        typer.Option(min=1, help="Images per step [default: the preset's].", show_default=False),
+        typer.Option(min=1, help="Images per step (default: the preset's).", show_default=False),
     ] = None,
     lr: Annotated[
         float | None,
-        typer.Option(help="Peak learning rate [default: the preset's].", show_default=False),
+        typer.Option(help="Peak learning rate (default: the preset's).", show_default=False),
     ] = None,
     seed: Annotated[
         int, typer.Option(help="Random seed; the same seed on CPU gives the same run.")
@@ -182,7 +182,7 @@ def train(
     ] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment name.")] = "mnist",
     run_name: Annotated[
-        str | None, typer.Option(help="Run name [default: MLflow picks one].", show_default=False)
+        str | None, typer.Option(help="Run name (default: MLflow picks one).", show_default=False)
     ] = None,
     description: Annotated[
         str | None, typer.Option(help="Run description shown in the MLflow UI.")
@@ -371,7 +371,7 @@ def promote(
     version: Annotated[
         str | None,
         typer.Option(
-            help="Version to consider [default: the one @challenger points at].", show_default=False
+            help="Version to consider (default: the one @challenger points at).", show_default=False
         ),
     ] = None,
     min_accuracy: MinAccuracy = 0.99,
@@ -407,7 +407,7 @@ def predict(
     output: Annotated[
         Path | None,
         typer.Option(
-            help="Write results here (.csv or .json) [default: CSV on stdout].", show_default=False
+            help="Write results here (.csv or .json) (default: CSV on stdout).", show_default=False
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Digits per model call.")] = 1024,
@@ -456,7 +456,7 @@ def predict(
 def pipeline(
     preset: Annotated[Preset, typer.Option(help="Training recipe.")] = Preset["fast"],  # type: ignore[misc]
     epochs: Annotated[
-        int | None, typer.Option(min=1, help="Epochs [default: the preset's].", show_default=False)
+        int | None, typer.Option(min=1, help="Epochs (default: the preset's).", show_default=False)
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[DeviceChoice, typer.Option(help="Where to train.")] = DeviceChoice.auto,
