@@ -196,7 +196,7 @@ def test_mlflow_models_serve_answers_the_documented_request(registered, spawn, t
     assert np.mean([p["label"] for p in predictions] == labels) >= 0.8
 
 
-def test_mlflow_models_predict_classifies_a_file(registered, tmp_path):
+def test_mlflow_models_predict_classifies_a_file(registered, client, tmp_path):
     uri, _ = registered
     pixels, _ = _test_digits(10)
     request = tmp_path / "input.json"

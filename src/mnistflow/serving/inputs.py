@@ -1,0 +1,168 @@
+"""Request bodies to pixel arrays, and every way they can be wrong as an ApiError.
+
+The JSON path is kept lean on purpose: orjson parses the bytes and numpy converts the
+nested lists in one call (~30 us for a digit), where validating 784 numbers through
+pydantic models would cost more than the inference. The bodies are still described in the
+OpenAPI schema (see app.py), for the docs page and the schema fuzzing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mnistflow.preprocess import image_to_digit
+
+PIXELS_PER_DIGIT = 28 * 28
+# The request formats of `mlflow models serve`; dataframe_records is left out because
+# MLflow cannot apply it to this model's tensor signature either.
+INVOCATION_FORMATS = ("inputs", "instances", "dataframe_split")
+SPLIT_FIELDS = {"columns", "data", "index"}
+
+
+class ApiError(Exception):
+    """A request the service refuses: an HTTP status and one sentence for the client.
+
+    mlflow_code: the error_code /invocations reports, when not the status's usual one.
+    """
+
+    def __init__(self, status: int, message: str, mlflow_code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.mlflow_code = mlflow_code
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over max_bytes with 413: at once when Content-Length says so
+    (nothing is read), else as soon as the bytes received pass the limit.
+
+    Starlette has such a limit (max_body_size), but it replaces the app's response with
+    plain text; raising ApiError from receive() lets the app's JSON error handler answer.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise self.too_large()
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise self.too_large()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def too_large(self) -> ApiError:
+        return ApiError(413, f"the request body is over the limit of {self.max_bytes:,} bytes.")
+
+
+def media_type(content_type: str | None) -> str:
+    """'application/json; charset=utf-8' -> 'application/json'."""
+    return (content_type or "").partition(";")[0].strip().lower()
+
+
+def load_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise ApiError(400, f"the body is not valid JSON ({e}).") from None
+
+
+def invocation_pixels(payload: Any) -> Any:
+    """The pixels in an MLflow scoring request: {"inputs" | "instances" | "dataframe_split"}.
+
+    Like MLflow: exactly one format field, "params" accepted and ignored, dataframe_split
+    with "data" and optionally "columns" and "index". Here dataframe_split takes rows of
+    784 pixels (MLflow's server refuses dataframe_split for this model's tensor signature).
+    """
+    fields = set(payload) if isinstance(payload, dict) else set()
+    formats = fields & set(INVOCATION_FORMATS)
+    if len(formats) != 1 or fields - formats - {"params"}:
+        raise ApiError(
+            400,
+            "the body must be a JSON object with exactly one of the fields "
+            f"{', '.join(INVOCATION_FORMATS)} (and optionally params).",
+        )
+    (key,) = formats
+    data = payload[key]
+    if key == "dataframe_split":
+        if not isinstance(data, dict) or "data" not in data or set(data) - SPLIT_FIELDS:
+            raise ApiError(
+                400,
+                "the dataframe_split field must be an object with a data field (and optionally "
+                "columns and index).",
+            )
+        data = data["data"]
+    return data
+
+
+def predict_pixels(payload: Any) -> Any:
+    """The pixels in a /predict JSON body: {"pixels": one 28x28 digit or a list of them}."""
+    if not isinstance(payload, dict) or set(payload) != {"pixels"}:
+        raise ApiError(
+            400, 'the body must be a JSON object {"pixels": [...]} with one or more 28x28 digits.'
+        )
+    return payload["pixels"]
+
+
+def as_array(data: Any, max_images: int) -> np.ndarray:
+    """Nested lists of numbers -> float32 array, refusing too many digits before any work.
+
+    The shape, finiteness and range are checked by the model's classify().
+    """
+    try:
+        array = np.asarray(data)
+    except (ValueError, RecursionError):  # ragged lists, or nested too deep
+        array = None
+    # Numbers only: numpy would happily turn true, null or "12" into a pixel.
+    if array is None or array.dtype.kind not in "iuf":
+        raise ApiError(
+            400, "pixels must be numbers in nested lists of equal lengths (28x28 per digit)."
+        )
+    if array.size > max_images * PIXELS_PER_DIGIT:
+        raise ApiError(
+            400,
+            f"too many digits in one request: {array.size // PIXELS_PER_DIGIT} given, at most "
+            f"{max_images} allowed.",
+        )
+    # Numbers past float32's range become inf, which classify() refuses; no warning.
+    with np.errstate(over="ignore"):
+        return array.astype(np.float32, copy=False)
+
+
+def images_to_pixels(images: Sequence[tuple[str, bytes]]) -> np.ndarray:
+    """Uploaded (filename, bytes) -> (N, 28, 28) MNIST-style pixels; slow, run in a thread."""
+    digits = []
+    for i, (filename, data) in enumerate(images, start=1):
+        try:
+            digits.append(image_to_digit(data))
+        except ValueError as e:
+            raise ApiError(400, f"image {i} ({filename or 'unnamed'}): {e}") from None
+    return np.stack(digits)
+
+
+def predictions(labels: np.ndarray, probabilities: np.ndarray) -> list[dict[str, Any]]:
+    """The rows MLflow's scoring server writes for this model: label and ten probabilities.
+
+    tolist() gives Python floats, so the numbers print exactly as MLflow prints them.
+    """
+    return [
+        {"label": label, "probabilities": probs}
+        for label, probs in zip(labels.tolist(), probabilities.tolist(), strict=True)
+    ]
