@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # Unset, they are downloaded from the public mirrors into ~/.cache/mnistflow.
 export MNISTFLOW_MNIST_MIRROR
 
-.PHONY: setup run test test-fast lint browser bench clean
+.PHONY: setup run test test-fast lint browser wrk bench clean
 
 # The venv is rebuilt when the requirements change. constraints.txt pins every package
 # (torch included: an unpinned torch would pull a multi-GB CUDA build).
@@ -43,11 +43,18 @@ browser:
 	    { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; \
 	  else echo "The page test needs Debian's chromium: sudo apt-get install chromium"; exit 1; fi; }
 
-## Benchmarks (minutes): training time to accuracy, tracking overhead, inference, serving.
-bench: setup
+## Benchmarks (about 25 minutes): training time to accuracy, tracking overhead, inference, serving.
+bench: setup wrk
 	$(BIN)/python benchmarks/bench_training.py
 	$(BIN)/python benchmarks/bench_inference.py
 	$(BIN)/python benchmarks/bench_serving.py
+
+# The serving benchmark loads the servers with wrk, from Debian.
+wrk:
+	@command -v wrk >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq wrk >/dev/null || \
+	    { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }; \
+	  else echo "The serving benchmark needs wrk: sudo apt-get install wrk"; exit 1; fi; }
 
 clean:
 	rm -rf $(VENV) mlruns mlartifacts mlflow.db sample-digits test-artifacts benchmarks/results

@@ -12,6 +12,7 @@ Usage: python benchmarks/bench_inference.py [--repeats 5]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -60,7 +61,8 @@ def main() -> None:
     test = data.load(config).test
     pixels = test.images[:, 0].numpy().astype(np.float32)  # (10000, 28, 28)
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    # In a temporary folder: MLflow puts a sqlite store's artifacts in ./mlruns.
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
         folder = Path(tmp)
         uri = registered_champion(folder)
         mlflow.set_tracking_uri(uri)

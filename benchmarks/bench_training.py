@@ -14,6 +14,7 @@ Prints Markdown tables (the README's) and writes benchmarks/results/training.jso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -126,7 +127,12 @@ def train_seconds(splits: data.MnistSplits, tracking: TrackingConfig | None) -> 
 
 
 def bench_tracking_overhead(splits: data.MnistSplits, repeats: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp, mlflow_server(Path(tmp) / "server") as server:
+    # In a temporary folder: MLflow puts a sqlite store's artifacts in ./mlruns.
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        contextlib.chdir(tmp),
+        mlflow_server(Path(tmp) / "server") as server,
+    ):
         modes = {
             "off": None,
             "sqlite, async": TrackingConfig(tracking_uri=f"sqlite:///{tmp}/bench.db"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,9 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST_ARGS, MNISTFLOW, free_port
+from conftest import FAST_ARGS, MNISTFLOW, free_port, tool_env
 
 
 def assert_one_clear_error(result, code: int, *phrases: str) -> None:
@@ -93,6 +95,35 @@ def test_ctrl_c_ends_the_run_as_killed_and_keeps_what_was_logged(store: str, spa
     steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
     assert steps == list(range(len(steps))) and len(steps) >= 20000 // 128  # in order, none lost
     assert client.get_metric_history(run_id, "val_accuracy")[0].step == 1
+
+
+def test_ui_serves_the_same_store(store: str, spawn, cli):
+    result = cli("train", *FAST_ARGS, "--json", "--run-name", "seen-in-the-ui")
+    assert result.exit_code == 0, result.stderr
+    port = free_port()
+    proc = spawn([*MNISTFLOW, "ui", "--port", str(port)], env=tool_env())
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        with contextlib.suppress(requests.ConnectionError):
+            if requests.get(f"{base}/health", timeout=1).ok:
+                break
+        time.sleep(0.5)
+    else:
+        pytest.fail("mnistflow ui did not start")
+    runs = requests.post(
+        f"{base}/api/2.0/mlflow/runs/search",
+        json={"experiment_ids": [result.json()["experiment_id"]]},
+        timeout=10,
+    ).json()["runs"]
+    assert [r["info"]["run_name"] for r in runs] == ["seen-in-the-ui"]
+    artifacts = requests.get(
+        f"{base}/api/2.0/mlflow/artifacts/list",
+        params={"run_id": result.json()["run_id"], "path": "reports"},
+        timeout=10,
+    ).json()["files"]
+    assert "reports/confusion_matrix.png" in {f["path"] for f in artifacts}
 
 
 def test_ui_points_at_the_server_for_http_stores(cli):

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -43,7 +43,7 @@ out = Console(highlight=False)
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)  # type: ignore[misc]
 
 
-class DeviceChoice(str, Enum):
+class DeviceChoice(StrEnum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
@@ -318,6 +318,13 @@ def serve(
     poll_seconds: Annotated[
         float, typer.Option(min=0.1, help="How often to check where the alias points.")
     ] = 5.0,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1, help="Larger request bodies get 413.")
+    ] = 1_000_000,
+    max_images: Annotated[
+        int, typer.Option(min=1, help="Most digits or images in one request.")
+    ] = 128,
+    access_log: Annotated[bool, typer.Option(help="Log every request (costs ~10%).")] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Serve the model over HTTP: predict endpoints, health, metrics, a draw-a-digit page."""
@@ -331,6 +338,9 @@ def serve(
             api_key=api_key,
             poll_seconds=poll_seconds,
             tracking_uri=tracking_uri,
+            max_body_bytes=max_body_bytes,
+            max_images=max_images,
+            access_log=access_log,
         )
     )
 

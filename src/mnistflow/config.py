@@ -14,8 +14,10 @@ from typing import Any, Literal
 
 Device = Literal["auto", "cpu", "cuda"]
 
-# The registered model's default name; its aliases are @champion and @challenger.
+# The registered model's default name, and its aliases: @champion is served, a new
+# version is @challenger until promotion decides.
 MODEL_NAME = "mnist"
+CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 class MnistflowError(Exception):
@@ -82,7 +84,7 @@ PRESETS: dict[str, TrainConfig] = {
     "quality": TrainConfig(
         preset="quality",
         arch="quality",
-        epochs=15,
+        epochs=20,
         batch_size=128,
         lr=4e-3,
         weight_decay=5e-4,

@@ -17,23 +17,26 @@ import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
-import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from mlflow.types.schema import Array
-from torch import nn
 
-from mnistflow import export
-from mnistflow.config import MODEL_NAME as MODEL_NAME  # re-exported: the registry's default
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+# Re-exported: the registry's default name and aliases belong with it.
+from mnistflow.config import CHALLENGER as CHALLENGER
+from mnistflow.config import CHAMPION as CHAMPION
+from mnistflow.config import MODEL_NAME as MODEL_NAME
 from mnistflow.config import MnistflowError
 
-CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -69,6 +72,11 @@ def log_models(network: nn.Module, check_images: torch.Tensor, workdir: Path) ->
     check_images: (N, 1, 28, 28) uint8 digits to confirm the ONNX export agrees with PyTorch
     and to serve as input examples.
     """
+    # Imported here: the server and the other registry commands never need torch.
+    import torch
+
+    from mnistflow import export
+
     network = copy.deepcopy(network).to("cpu", memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
     pixels = check_images.float().numpy()  # (N, 1, 28, 28) float32 0-255
     onnx_path = export.to_onnx(network, workdir / "model.onnx")

@@ -17,12 +17,12 @@ import os
 import platform
 import warnings
 from collections.abc import Mapping, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import mlflow
-import torch
 from mlflow.data.numpy_dataset import from_numpy
 from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
@@ -179,7 +179,7 @@ class TrackedRun(Reporter):
                 "git_commit": commit,
                 "git_dirty": "unknown" if dirty is None else str(dirty).lower(),
                 "dataset_digest": DATASET_DIGEST,
-                "torch_version": torch.__version__,
+                "torch_version": version("torch"),
                 "mlflow_version": mlflow.__version__,
                 "mnistflow_version": mnistflow.__version__,
                 "python_version": platform.python_version(),

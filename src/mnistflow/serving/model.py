@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import mlflow
@@ -215,7 +215,7 @@ class ModelFollower:
 
     def _fail(self, version: str | None, message: str) -> None:
         repeated = self.last_error is not None and self.last_error.message == message
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        now = datetime.now(UTC).isoformat(timespec="seconds")
         self.last_error = LoadFailure(version, message, now, time.monotonic())
         self.failures += 1
         serving = self.current.version if self.current else None

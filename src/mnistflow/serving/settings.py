@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mnistflow.registry import CHAMPION, MODEL_NAME
+from mnistflow.config import CHAMPION, MODEL_NAME
 
 
 @dataclass(frozen=True)
