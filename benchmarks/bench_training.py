@@ -82,8 +82,7 @@ def bench_time_to_accuracy(
     # The classic recipe is 14 epochs; its step schedule does not depend on the total, so
     # its first epochs are the same whatever the total: stopping early times the same path.
     classic = [
-        time_to_accuracy("classic", s, splits, target, epochs=classic_epochs)
-        for s in range(seeds)
+        time_to_accuracy("classic", s, splits, target, epochs=classic_epochs) for s in range(seeds)
     ]
     for runs in (fast, classic):
         for r in runs:
@@ -165,9 +164,7 @@ def bench_tracking_overhead(splits: data.MnistSplits, repeats: int) -> dict[str,
         overhead = "-" if mode == "off" else f"{(median / base - 1):+.1%}"
         rows.append([mode, f"{median:.2f} s", f"{min(values):.2f}-{max(values):.2f} s", overhead])
     steps = 2 * -(-len(splits.train) // 128)
-    print(
-        f"\nTracking overhead ({steps} steps x 2 metrics + 2 epochs x 6 metrics per run)"
-    )
+    print(f"\nTracking overhead ({steps} steps x 2 metrics + 2 epochs x 6 metrics per run)")
     print(table(["tracking", "train time (median)", "min-max", "overhead"], rows))
     return {"times": times}
 

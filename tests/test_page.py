@@ -15,14 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from conftest import MNISTFLOW, ROOT, free_port
-from mnistflow import registry
-from mnistflow.config import DataConfig, TrackingConfig, preset_config
-from mnistflow.pipeline import train_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -42,19 +38,9 @@ NO_LABEL = "\N{EN DASH}"  # what the page shows before a prediction
 
 
 @pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A store with a small trained model as mnist version 1 @champion."""
-    folder = tmp_path_factory.mktemp("page-store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)  # the artifacts (./mlruns) land beside the database
-        summary = train_run(
-            DataConfig(limit_train=2000),
-            preset_config("fast", epochs=1),
-            TrackingConfig(tracking_uri=uri, system_metrics=False),
-            register_as="mnist",
-        )
-    registry.make_champion(MlflowClient(uri), "mnist", str(summary.registered_version), "page")
+def tracking_uri(registered) -> str:
+    """The session's store (conftest), with a small trained model as mnist v1 @champion."""
+    uri, _ = registered
     return uri
 
 

@@ -27,8 +27,6 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from mnistflow import registry
-from mnistflow.config import DataConfig, TrackingConfig, preset_config
-from mnistflow.pipeline import train_run
 from mnistflow.preprocess import image_to_digit
 from mnistflow.serving import ServeConfig, create_app
 from mnistflow.serving.model import ModelFollower, ServedModel
@@ -45,29 +43,17 @@ class Store:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    """A tracking store holding one small trained model as mnist version 1 @champion.
+def trained(registered) -> Store:
+    """The session's store (conftest): a small trained model as mnist version 1 @champion.
 
-    Trained once for the module (seconds); tests that move aliases register copies of it
-    under their own names, so the module's mnist@champion never moves.
+    Tests that move aliases register copies of it under their own names, so mnist@champion
+    never moves.
     """
-    folder = tmp_path_factory.mktemp("serving-store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)  # the artifacts (./mlruns) land beside the database
-        summary = train_run(
-            DataConfig(limit_train=2000),
-            preset_config("fast", epochs=1),
-            TrackingConfig(tracking_uri=uri, system_metrics=False),
-            register_as="mnist",
-        )
+    uri, runs = registered
     client = MlflowClient(uri)
-    version = str(summary.registered_version)
-    registry.make_champion(client, "mnist", version, "serving tests")
-    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # tests pass URIs explicitly
     # The artifacts' folder, not models:/m-...: MLflow resolves that against its global URI.
-    source = client.get_model_version_download_uri("mnist", version)
-    return Store(uri, client, summary.run_id, source)
+    source = client.get_model_version_download_uri("mnist", "1")
+    return Store(uri, client, runs["good"]["run_id"], source)
 
 
 @pytest.fixture(scope="module")

@@ -152,6 +152,16 @@ TrackingUri = Annotated[
     ),
 ]
 ModelName = Annotated[str, typer.Option(help="Registered model name.")]
+PresetOption = Annotated[Preset, typer.Option(help="Training recipe.")]  # type: ignore[valid-type]
+Epochs = Annotated[
+    int | None, typer.Option(min=1, help="Epochs (default: the preset's).", show_default=False)
+]
+Seed = Annotated[int, typer.Option(help="Random seed; the same seed on CPU gives the same run.")]
+DeviceOption = Annotated[DeviceChoice, typer.Option(help="Where to train.")]
+LimitTrain = Annotated[
+    int | None,
+    typer.Option(min=1, help="Train on only the first N training images (fast mode)."),
+]
 JsonOut = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON object on the last line.")
 ]
@@ -160,10 +170,8 @@ JsonOut = Annotated[
 @app.command()
 @friendly_errors
 def train(
-    preset: Annotated[Preset, typer.Option(help="Training recipe.")] = Preset["fast"],  # type: ignore[misc]
-    epochs: Annotated[
-        int | None, typer.Option(min=1, help="Epochs (default: the preset's).", show_default=False)
-    ] = None,
+    preset: PresetOption = Preset["fast"],
+    epochs: Epochs = None,
     batch_size: Annotated[
         int | None,
         typer.Option(min=1, help="Images per step (default: the preset's).", show_default=False),
@@ -172,14 +180,9 @@ def train(
         float | None,
         typer.Option(help="Peak learning rate (default: the preset's).", show_default=False),
     ] = None,
-    seed: Annotated[
-        int, typer.Option(help="Random seed; the same seed on CPU gives the same run.")
-    ] = 0,
-    device: Annotated[DeviceChoice, typer.Option(help="Where to train.")] = DeviceChoice.auto,
-    limit_train: Annotated[
-        int | None,
-        typer.Option(min=1, help="Train on only the first N training images (fast mode)."),
-    ] = None,
+    seed: Seed = 0,
+    device: DeviceOption = DeviceChoice.auto,
+    limit_train: LimitTrain = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment name.")] = "mnist",
     run_name: Annotated[
         str | None, typer.Option(help="Run name (default: MLflow picks one).", show_default=False)
@@ -464,15 +467,11 @@ def predict(
 @app.command()
 @friendly_errors
 def pipeline(
-    preset: Annotated[Preset, typer.Option(help="Training recipe.")] = Preset["fast"],  # type: ignore[misc]
-    epochs: Annotated[
-        int | None, typer.Option(min=1, help="Epochs (default: the preset's).", show_default=False)
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Annotated[DeviceChoice, typer.Option(help="Where to train.")] = DeviceChoice.auto,
-    limit_train: Annotated[
-        int | None, typer.Option(min=1, help="Train on only the first N training images.")
-    ] = None,
+    preset: PresetOption = Preset["fast"],
+    epochs: Epochs = None,
+    seed: Seed = 0,
+    device: DeviceOption = DeviceChoice.auto,
+    limit_train: LimitTrain = None,
     model_name: ModelName = MODEL_NAME,
     min_accuracy: MinAccuracy = 0.99,
     margin: Margin = 0.002,
