@@ -124,7 +124,7 @@ def predict_pixels(payload: Any) -> Any:
 def as_array(data: Any, max_images: int) -> np.ndarray:
     """Nested lists of numbers -> float32 array, refusing too many digits before any work.
 
-    The shape, finiteness and range are checked by the model's classify().
+    The shape and finiteness are checked by the model's classify().
     """
     try:
         array = np.asarray(data)
@@ -140,6 +140,15 @@ def as_array(data: Any, max_images: int) -> np.ndarray:
             400,
             f"too many digits in one request: {array.size // PIXELS_PER_DIGIT} given, at most "
             f"{max_images} allowed.",
+        )
+    # The range is checked before the cast to float32, which rounds e.g. 255.00000000000003
+    # to 255.0 and would let a value outside the documented 0-255 through (found by the
+    # schema fuzzing). NaN passes these comparisons; classify() refuses it.
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise ApiError(
+            400,
+            f"pixel values must lie in 0-255; got {array.min():g} to {array.max():g}.",
+            mlflow_code="INVALID_PARAMETER_VALUE",
         )
     # Numbers past float32's range become inf, which classify() refuses; no warning.
     with np.errstate(over="ignore"):
