@@ -23,7 +23,7 @@ setup: $(BIN)/.installed
 run: setup
 	$(BIN)/mnistflow pipeline
 
-## Every test, the full-MNIST ones included (about 5 minutes on 2 cores).
+## Every test, the full-MNIST one included (about 3 minutes on 2 cores, after set-up).
 test: setup browser
 	$(BIN)/python -m pytest
 
