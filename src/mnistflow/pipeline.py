@@ -35,7 +35,7 @@ class TrainSummary:
     # Pure training time (the training loops only); total_seconds is the whole command.
     train_seconds: float
     total_seconds: float
-    model_uri: str | None = None  # the logged pyfunc model
+    model_uri: str  # the logged pyfunc model
     registered_model: str | None = None
     registered_version: str | None = None
 
@@ -48,12 +48,11 @@ def train_run(
     train_config: TrainConfig,
     tracking_config: TrackingConfig,
     progress: Reporter | None = None,
-    log_model: bool = True,
     register_as: str | None = None,
 ) -> TrainSummary:
-    """Load MNIST, train, evaluate on the test set, and record all of it as one MLflow run.
+    """Load MNIST, train, evaluate on the test set, and record all of it (the models too)
+    as one MLflow run.
 
-    log_model: also log the pyfunc and torch models (registry.log_models).
     register_as: then register the pyfunc under this name (it becomes @challenger).
     """
     started = time.perf_counter()
@@ -102,11 +101,9 @@ def train_run(
             **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
             "train_seconds": result.train_seconds,
         }
-        logged = None
-        if log_model:
-            logged = registry.log_models(result.model, splits.test.images[:256], out)
-            final["onnx_max_abs_diff"] = logged.onnx_max_abs_diff
-        run.log_results(test.accuracy, final, logged.model_id if logged else None)
+        logged = registry.log_models(result.model, splits.test.images[:256], out)
+        final["onnx_max_abs_diff"] = logged.onnx_max_abs_diff
+        run.log_results(test.accuracy, final, logged.model_id)
 
         report_dir = out / "reports"
         report_dir.mkdir()
@@ -149,9 +146,9 @@ def train_run(
             test_macro_f1=final["test_macro_f1"],
             train_seconds=result.train_seconds,
             total_seconds=total,
-            model_uri=logged.model_uri if logged else None,
+            model_uri=logged.model_uri,
         )
-    if register_as and logged:
+    if register_as:
         # After the run has ended: a version points at a finished run.
         version = registry.register(summary.run_id, register_as, logged.model_uri)
         summary.registered_model, summary.registered_version = register_as, str(version.version)
