@@ -29,9 +29,13 @@ def as_pixels(data: Any) -> np.ndarray:
     if isinstance(data, pd.DataFrame):
         data = data.to_numpy()
     try:
-        array = np.asarray(data, dtype=np.float32)
+        # Checked in the precision given, cast to float32 last: the cast would round e.g.
+        # 255.00000000000003 to 255.0 and let it through.
+        array = np.asarray(data)
     except (TypeError, ValueError) as e:
         raise InputError(f"pixels must be numbers ({e}).") from None
+    if array.dtype.kind not in "biuf":
+        raise InputError(f"pixels must be numbers, not {array.dtype}.")
     if array.shape == (28, 28):
         array = array[None]
     if array.ndim == 2 and array.shape[1] == 784:
@@ -46,9 +50,10 @@ def as_pixels(data: Any) -> np.ndarray:
         raise InputError("no digits given.")
     if not np.isfinite(array).all():
         raise InputError("pixel values must be finite numbers (found NaN or infinity).")
-    if array.min() < 0 or array.max() > 255:
-        raise InputError(f"pixel values must lie in 0-255; got {array.min():g} to {array.max():g}.")
-    return np.ascontiguousarray(array)
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 255:
+        raise InputError(f"pixel values must lie in 0-255; got {low} to {high}.")
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 class MnistClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]

@@ -143,11 +143,13 @@ def as_array(data: Any, max_images: int) -> np.ndarray:
         )
     # The range is checked before the cast to float32, which rounds e.g. 255.00000000000003
     # to 255.0 and would let a value outside the documented 0-255 through (found by the
-    # schema fuzzing). NaN passes these comparisons; classify() refuses it.
+    # schema fuzzing). classify() checks the same, but models logged before it did may be
+    # served, and this schema is the server's own. NaN passes these comparisons; classify()
+    # refuses it.
     if array.size and (array.min() < 0 or array.max() > 255):
         raise ApiError(
             400,
-            f"pixel values must lie in 0-255; got {array.min():g} to {array.max():g}.",
+            f"pixel values must lie in 0-255; got {float(array.min())} to {float(array.max())}.",
             mlflow_code="INVALID_PARAMETER_VALUE",
         )
     # Numbers past float32's range become inf, which classify() refuses; no warning.
