@@ -20,40 +20,13 @@ import numpy as np
 import pandas as pd
 
 
-class InputError(ValueError):
-    """The pixels cannot be classified; the message says why in one sentence."""
-
-
-def as_pixels(data: Any) -> np.ndarray:
-    """Any accepted input as a float32 batch (N, 1, 28, 28) of finite values in 0-255."""
-    if isinstance(data, pd.DataFrame):
-        data = data.to_numpy()
-    try:
-        # Checked in the precision given, cast to float32 last: the cast would round e.g.
-        # 255.00000000000003 to 255.0 and let it through.
-        array = np.asarray(data)
-    except (TypeError, ValueError) as e:
-        raise InputError(f"pixels must be numbers ({e}).") from None
-    if array.dtype.kind not in "biuf":
-        raise InputError(f"pixels must be numbers, not {array.dtype}.")
-    if array.shape == (28, 28):
-        array = array[None]
-    if array.ndim == 2 and array.shape[1] == 784:
-        array = array.reshape(-1, 28, 28)
-    if array.ndim == 3 and array.shape[1:] == (28, 28):
-        array = array[:, None]
-    if array.ndim != 4 or array.shape[1:] != (1, 28, 28):
-        raise InputError(
-            f"expected digits shaped (N, 28, 28), (N, 1, 28, 28) or (N, 784); got {array.shape}."
-        )
-    if len(array) == 0:
-        raise InputError("no digits given.")
-    if not np.isfinite(array).all():
-        raise InputError("pixel values must be finite numbers (found NaN or infinity).")
-    low, high = float(array.min()), float(array.max())
-    if low < 0 or high > 255:
-        raise InputError(f"pixel values must lie in 0-255; got {low} to {high}.")
-    return np.ascontiguousarray(array, dtype=np.float32)
+try:
+    # In a logged model: MLflow puts the files logged as code_paths (pixels.py) on sys.path.
+    from pixels import PixelError as PixelError
+    from pixels import as_pixels
+except ImportError:  # in the source tree, before it is logged
+    from mnistflow.pixels import PixelError as PixelError
+    from mnistflow.pixels import as_pixels
 
 
 class MnistClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]

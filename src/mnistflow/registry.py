@@ -93,6 +93,8 @@ def log_models(network: nn.Module, check_images: torch.Tensor, workdir: Path) ->
         name="model",
         python_model=str(PACKAGE_DIR / "classifier_model.py"),
         artifacts={"onnx_model": str(onnx_path)},
+        # The input check, shared with the server and `predict`, travels with the model.
+        code_paths=[str(PACKAGE_DIR / "pixels.py")],
         signature=PYFUNC_SIGNATURE,
         input_example=pixels[:2, 0],  # (2, 28, 28): the documented request shape
         pip_requirements=_pins("mlflow", "onnxruntime", "numpy", "pandas"),
