@@ -19,7 +19,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-
 try:
     # In a logged model: MLflow puts the files logged as code_paths (pixels.py) on sys.path.
     from pixels import PixelError as PixelError
