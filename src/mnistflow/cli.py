@@ -434,6 +434,7 @@ def predict(
     from mnistflow import inference
     from mnistflow.tracking import resolve_tracking_uri
 
+    inference.check_output(output)  # before any work: a bad path must not cost a whole run
     resolve_tracking_uri(tracking_uri)
     digits = inference.collect(inputs)
     for source, reason in digits.failures:
