@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import MIRROR, run_cli
-from mnistflow import data, inference, preprocess, registry
+from mnistflow import data, inference, logged_models, preprocess
 from mnistflow.config import DataConfig, preset_config
 from mnistflow.export import onnx_probabilities
 from mnistflow.train import evaluate, fit
@@ -184,7 +184,7 @@ def test_trained_module_pyfunc_and_onnx_agree_on_the_whole_test_set(tmp_path, mo
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("parity")
     with mlflow.start_run():
-        logged = registry.log_models(result.model, splits.test.images[:64], tmp_path)
+        logged = logged_models.log_torch_models(result.model, splits.test.images[:64], tmp_path)
     pixels = splits.test.images[:, 0].numpy().astype(np.float32)  # (10000, 28, 28)
     pyfunc = mlflow.pyfunc.load_model(logged.model_uri)
     through_mlflow = np.asarray(pyfunc.predict(pixels)["label"])

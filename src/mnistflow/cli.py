@@ -277,8 +277,8 @@ def register(
     from mnistflow import registry
     from mnistflow.tracking import resolve_tracking_uri
 
-    resolve_tracking_uri(tracking_uri)
-    mv = registry.register(run_id, model_name)
+    uri = resolve_tracking_uri(tracking_uri)
+    mv = registry.register(registry.client_for(uri), run_id, model_name)
     result = {"model_name": model_name, "version": str(mv.version), "run_id": run_id}
     print_result({**result, "description": mv.description}, as_json, "Registered")
 
@@ -291,13 +291,11 @@ def rollback(
     as_json: JsonOut = False,
 ) -> None:
     """Move @champion back to the previous champion."""
-    from mlflow.tracking import MlflowClient
-
     from mnistflow import registry
     from mnistflow.tracking import resolve_tracking_uri
 
-    resolve_tracking_uri(tracking_uri)
-    was, now = registry.rollback(MlflowClient(), model_name)
+    uri = resolve_tracking_uri(tracking_uri)
+    was, now = registry.rollback(registry.client_for(uri), model_name)
     result = {"model_name": model_name, "rolled_back_from": was, "champion_version": now}
     print_result(result, as_json, "Rollback")
 
@@ -396,8 +394,10 @@ def promote(
     from mnistflow.promotion import promote as run_promotion
     from mnistflow.tracking import resolve_tracking_uri
 
-    resolve_tracking_uri(tracking_uri)
-    decision = run_promotion(model_name, version, min_accuracy, margin).as_dict()
+    uri = resolve_tracking_uri(tracking_uri)
+    decision = run_promotion(
+        uri, model_name, version=version, min_accuracy=min_accuracy, margin=margin
+    ).as_dict()
     if as_json:
         print_result(decision, True, "")
     else:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnistflow import data, registry, reports
+from mnistflow import data, logged_models, registry, reports
 from mnistflow.config import MODEL_NAME, DataConfig, TrackingConfig, TrainConfig, as_dict
 from mnistflow.reporting import Reporter, Tee
 from mnistflow.tracking import TrackedRun
@@ -101,7 +101,7 @@ def train_run(
             **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
             "train_seconds": result.train_seconds,
         }
-        logged = registry.log_models(result.model, splits.test.images[:256], out)
+        logged = logged_models.log_torch_models(result.model, splits.test.images[:256], out)
         final["onnx_max_abs_diff"] = logged.onnx_max_abs_diff
         run.log_results(test.accuracy, final, logged.model_id)
 
@@ -150,7 +150,8 @@ def train_run(
         )
     if register_as:
         # After the run has ended: a version points at a finished run.
-        version = registry.register(summary.run_id, register_as, logged.model_uri)
+        client = registry.client_for(summary.tracking_uri)
+        version = registry.register(client, summary.run_id, register_as, logged.model_id)
         summary.registered_model, summary.registered_version = register_as, str(version.version)
     return summary
 
@@ -187,7 +188,12 @@ def run_pipeline(
         data_config, train_config, tracking_config, progress, register_as=model_name
     )
     decision = promotion.promote(
-        model_name, summary.registered_version, min_accuracy, margin, data_config
+        summary.tracking_uri,
+        model_name,
+        version=summary.registered_version,
+        min_accuracy=min_accuracy,
+        margin=margin,
+        data_config=data_config,
     )
     truth = write_sample_digits(data_config, samples)
     classifier, _ = inference.load_classifier(f"models:/{model_name}@champion")
