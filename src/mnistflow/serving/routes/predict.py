@@ -2,8 +2,8 @@
 
 These two routes take nearly all the traffic, so they are kept lean: the body is read as
 bytes, parsed by orjson and checked by mnistflow.pixels (no pydantic on 784 numbers); the
-service and the model are plain calls, not FastAPI dependencies (resolving one measured
-about 15% of such a request's time in the app); and the model runs inline on the event
+service and the model are plain calls, not FastAPI dependencies (resolving one measurably
+slows these routes; the README gives the figures); and the model runs inline on the event
 loop, as one digit takes less time in ONNX Runtime than a hop to a worker thread and back.
 Image uploads are decoded in a worker thread, as a large photo takes milliseconds.
 """
