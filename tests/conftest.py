@@ -158,3 +158,19 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
 
 # The installed entry point, as a user runs it.
 MNISTFLOW = [sys.executable, "-m", "mnistflow"]
+
+
+# -- the team stack: PostgreSQL + S3 + MLflow server with logins (see mnistflow.stack) --------
+
+WRITER, READER = "alice", "bob"
+
+
+@pytest.fixture(scope="session")
+def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One team stack for the session, with a writer (alice) and a read-only user (bob)."""
+    from mnistflow import stack
+
+    with stack.team_stack(tmp_path_factory.mktemp("team-stack")) as running:
+        running.add_user(WRITER, "alice-password-1")
+        running.add_user(READER, "bob-password-22")
+        yield running
