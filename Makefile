@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # Unset, they are downloaded from the public mirrors into ~/.cache/mnistflow.
 export MNISTFLOW_MNIST_MIRROR
 
-.PHONY: setup run test test-fast lint browser wrk bench clean
+.PHONY: setup run test test-fast lint browser wrk bench clean stack compose-tool
 
 # The venv is rebuilt when the requirements change. constraints.txt pins every package
 # (torch included: an unpinned torch would pull a multi-GB CUDA build).
@@ -24,7 +24,7 @@ run: setup
 	$(BIN)/mnistflow pipeline
 
 ## Every test, the full-MNIST one included (about 3 minutes on 2 cores, after set-up).
-test: setup browser
+test: setup browser compose-tool
 	$(BIN)/python -m pytest
 
 ## The fast ones only, for the edit-test loop.
@@ -35,6 +35,17 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
+
+## The team stack by hand, as the tests start it: PostgreSQL + S3 (moto) + MLflow with logins.
+stack: setup
+	$(BIN)/python scripts/stack.py
+
+# The compose file's test parses deploy/docker-compose.yml with Debian's docker-compose.
+compose-tool:
+	@command -v docker-compose >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq docker-compose >/dev/null || \
+	    { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; }; \
+	  else echo "The compose test needs docker-compose: sudo apt-get install docker-compose"; exit 1; fi; }
 
 # The page test drives Debian's Chromium through Playwright (never a downloaded browser).
 browser:
