@@ -16,6 +16,9 @@ from mlflow.exceptions import MlflowException, RestException
 # MLflow's text for a reply that is not its JSON error (the auth app's plain-text refusals).
 _REPLY = re.compile(r"endpoint (?P<endpoint>\S+) failed with error code (?P<status>\d{3})")
 
+# MLflow's text when no reply came at all (connection refused or reset, after its retries).
+_NO_REPLY = re.compile(r"API request to (?P<url>\S+) failed with exception")
+
 # What an endpoint does, for "may not <action>"; longest match first.
 _ACTIONS = (
     ("model-versions/create", "register model versions"),
@@ -55,9 +58,40 @@ def status_of(error: BaseException) -> tuple[int, str] | None:
 
 
 def sentence(error: BaseException, tracking_uri: str) -> str | None:
-    """One sentence for a 401, 403 or 5xx from the tracking server; None for anything else."""
+    """One sentence for a 401, 403 or 5xx from the tracking server, or for a request it broke
+    off; None for anything else."""
     found = status_of(error)
-    return None if found is None else describe(found[0], found[1], tracking_uri)
+    if found is not None:
+        return describe(found[0], found[1], tracking_uri)
+    url = _broken_off(error)
+    if url is None:
+        return None
+    if "/mlflow-artifacts/" in url:
+        # The server answers an upload it cannot store with 500 before reading the body,
+        # which the client sees as a reset connection.
+        return (
+            f"The MLflow server at {tracking_uri} could not store or fetch an artifact "
+            f"({url.split('?')[0]}): its artifact store may be down or its bucket missing; "
+            "see the server's log."
+        )
+    return (
+        f"The MLflow server at {tracking_uri} broke off a request ({url.split('?')[0]}): it or "
+        "its database may be down; see the server's log, then run the command again."
+    )
+
+
+def _broken_off(error: BaseException) -> str | None:
+    """The URL of a request that got no reply at all, found along error's chain of causes."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MlflowException):
+            found = _NO_REPLY.search(current.message)
+            if found:
+                return found["url"]
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def describe(status: int, endpoint: str, tracking_uri: str) -> str | None:
