@@ -76,34 +76,11 @@ class TeamStack:
             region_name="us-east-1",
         )
 
-    def add_user(self, username: str, password: str, permission: str | None = None) -> None:
-        """Create a login; with permission (READ, EDIT, MANAGE), grant it on every experiment
-        and registered model that exists (the server's default_permission, READ, covers the rest).
-        """
+    def add_user(self, username: str, password: str) -> None:
+        """Create a login. It may read everything (the server's default_permission) and
+        manages what it creates; the admin grants more with MLflow's auth client."""
         self._admin_post("users/create", {"username": username, "password": password})
         self.users[username] = password
-        if permission is not None:
-            self.grant(username, permission)
-
-    def grant(self, username: str, permission: str) -> None:
-        """Give username permission on every experiment and registered model that exists now."""
-        import requests
-
-        auth = (ADMIN, self.admin_password)
-        api = f"{self.tracking_uri}/api/2.0/mlflow"
-        found = requests.post(
-            f"{api}/experiments/search", json={"max_results": 1000}, auth=auth, timeout=30
-        )
-        found.raise_for_status()
-        for experiment in found.json().get("experiments", []):
-            self._admin_post(
-                "experiments/permissions/create",
-                {
-                    "experiment_id": experiment["experiment_id"],
-                    "username": username,
-                    "permission": permission,
-                },
-            )
 
     def _admin_post(self, endpoint: str, body: Mapping[str, str]) -> None:
         import requests
