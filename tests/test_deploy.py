@@ -16,7 +16,7 @@ from mnistflow.stack import tracking_server_args
 DEPLOY = ROOT / "deploy"
 COMPOSE = shutil.which("docker-compose")
 pytestmark = pytest.mark.skipif(
-    COMPOSE is None, reason="docker-compose is not installed (make compose-tool installs it)"
+    COMPOSE is None, reason="docker-compose is not installed (make team-tools installs it)"
 )
 
 

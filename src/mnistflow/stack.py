@@ -49,12 +49,7 @@ class TeamStack:
     @property
     def s3_env(self) -> dict[str, str]:
         """The bucket's credentials: for the tracking server (and checks of the bucket) only."""
-        return {
-            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
-            "AWS_ACCESS_KEY_ID": S3_KEY_ID,
-            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
+        return s3_credentials(self.s3_endpoint)
 
     def client_env(self, username: str | None) -> dict[str, str]:
         """What a client needs to use the stack as username (None: anonymous)."""
@@ -66,15 +61,7 @@ class TeamStack:
 
     def s3_client(self) -> Any:
         """A boto3 client on the bucket's S3 server, with the server's credentials."""
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.s3_endpoint,
-            aws_access_key_id=S3_KEY_ID,
-            aws_secret_access_key=S3_SECRET,
-            region_name="us-east-1",
-        )
+        return s3_client(self.s3_endpoint)
 
     def add_user(self, username: str, password: str) -> None:
         """Create a login. It may read everything (the server's default_permission) and
@@ -93,6 +80,29 @@ class TeamStack:
         )
         if not response.ok:
             raise RuntimeError(f"{endpoint} answered {response.status_code}: {response.text}")
+
+
+def s3_credentials(endpoint: str) -> dict[str, str]:
+    """The environment that gives boto3 (in MLflow's server) the S3 server and its keys."""
+    return {
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": S3_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+def s3_client(endpoint: str) -> Any:
+    """A boto3 client on the S3 server at endpoint, with the tracking server's keys."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_KEY_ID,
+        aws_secret_access_key=S3_SECRET,
+        region_name="us-east-1",
+    )
 
 
 def tool_env(**extra: str) -> dict[str, str]:
@@ -203,14 +213,13 @@ def team_stack(folder: Path, workers: int = 1) -> Iterator[TeamStack]:
     admin_password = secrets.token_urlsafe(16)
     with servers.postgres("mlflow") as database_uri, s3_server() as (endpoint, s3):
         auth_uri = create_database(database_uri, "mlflow_auth")
-        probe = TeamStack("", endpoint, BUCKET, database_uri, admin_password, s3, s3, folder)
-        probe.s3_client().create_bucket(Bucket=BUCKET)
+        s3_client(endpoint).create_bucket(Bucket=BUCKET)
         with tracking_server(
             folder,
             database_uri,
             auth_uri,
             f"s3://{BUCKET}/artifacts",
-            probe.s3_env,
+            s3_credentials(endpoint),
             admin_password,
             workers,
         ) as (url, server, log):
