@@ -4,45 +4,21 @@ logins (mnistflow.stack), as a writer (alice), a read-only user (bob) and anonym
 from __future__ import annotations
 
 import contextlib
-import os
+import json
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import mlflow
 import pytest
 import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from conftest import MNISTFLOW, READER, WRITER, free_port, run_cli
+from conftest import MNISTFLOW, READER, WRITER, as_user, free_port, run_cli, user_env
 from mnistflow import registry, remote
-from mnistflow.stack import TeamStack, client_free_env, tool_env
+from mnistflow.stack import TeamStack
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
-
-
-def user_env(team: TeamStack, user: str | None, password: str | None = None) -> dict[str, str]:
-    """A client's whole environment: the tracking URI and a login, no bucket credentials."""
-    env = {**client_free_env(tool_env()), **team.client_env(user)}
-    if password is not None:
-        env["MLFLOW_TRACKING_PASSWORD"] = password
-    return env
-
-
-@contextlib.contextmanager
-def as_user(team: TeamStack, user: str | None, password: str | None = None) -> Iterator[None]:
-    """This process as a client of the stack (in-process CLI calls and MlflowClient)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key in os.environ:
-            if key.startswith(("AWS_", "MLFLOW_S3_", "MLFLOW_TRACKING_")):
-                mp.delenv(key)
-        for key, value in user_env(team, user, password).items():
-            if key.startswith("MLFLOW_"):
-                mp.setenv(key, value)
-        mlflow.set_tracking_uri(team.tracking_uri)
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +33,6 @@ def team_run(team: TeamStack, tmp_path_factory: pytest.TempPathFactory) -> dict[
         env=env, cwd=folder, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    import json
-
     return {"result": json.loads(done.stdout.strip().splitlines()[-1]), "folder": folder}
 
 
@@ -139,6 +113,8 @@ def test_read_only_user_cannot_register_or_move_aliases(team, team_run):
         assert "may not move model aliases" in str(remote.sentence(moved.value, "x"))
         refused = run_cli("promote", "--version", "1", "--min-accuracy", "0")
         assert refused.exit_code == 1 and "HTTP 403" in refused.stderr
+        refused = run_cli("train", "--limit-train", "100", "--epochs", "1", "--no-system-metrics")
+        assert refused.exit_code == 1 and f"User '{READER}' may not start runs" in refused.stderr
     with as_user(team, WRITER):
         assert MlflowClient().get_model_version_by_alias("mnist", "champion").version == "1"
 

@@ -12,10 +12,9 @@ import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import WRITER
+from conftest import WRITER, as_user, run_cli
 from mnistflow import servers
 from mnistflow.stack import TeamStack, team_stack
-from test_team import as_user, run_cli
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 TRAIN = ["train", "--limit-train", "300", "--epochs", "1", "--no-system-metrics", "--json"]
