@@ -18,7 +18,7 @@ from conftest import MNISTFLOW, READER, WRITER, as_user, free_port, run_cli, use
 from mnistflow import registry, remote
 from mnistflow.stack import TeamStack
 
-pytestmark = [pytest.mark.stack, pytest.mark.slow]
+pytestmark = [pytest.mark.stack, pytest.mark.server, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from conftest import WRITER, as_user, run_cli
 from mnistflow import servers
 from mnistflow.stack import TeamStack, team_stack
 
-pytestmark = [pytest.mark.stack, pytest.mark.slow]
+pytestmark = [pytest.mark.stack, pytest.mark.server, pytest.mark.slow]
 TRAIN = ["train", "--limit-train", "300", "--epochs", "1", "--no-system-metrics", "--json"]
 
 
