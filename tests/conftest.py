@@ -3,6 +3,7 @@ free loopback ports, and the CLI run in-process or as a child that is always rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
