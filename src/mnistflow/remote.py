@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException, RestException
 _REPLY = re.compile(r"endpoint (?P<endpoint>\S+) failed with error code (?P<status>\d{3})")
 
 # MLflow's text when no reply came at all (connection refused or reset, after its retries).
-_NO_REPLY = re.compile(r"API request to (?P<url>\S+) failed with exception")
+_NO_REPLY = re.compile(r"API request to (?P<url>\S+) failed with (?:timeout )?exception")
 
 # What an endpoint does, for "may not <action>"; longest match first.
 _ACTIONS = (

@@ -75,8 +75,10 @@ def _check_server(uri: str) -> None:
     answers = {}
     for endpoint in ("/health", "/version"):
         try:
+            # 30 s, not less: a server with logins checks the password hash on a client's first
+            # request, which takes seconds on a busy machine.
             answers[endpoint] = http_request(
-                creds, endpoint, "GET", max_retries=0, timeout=5, raise_on_status=False
+                creds, endpoint, "GET", max_retries=0, timeout=30, raise_on_status=False
             )
         except (requests.RequestException, MlflowException) as e:
             cause = e.__cause__ if isinstance(e, MlflowException) and e.__cause__ else e
