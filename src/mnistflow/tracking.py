@@ -101,6 +101,11 @@ def _check_server(uri: str) -> None:
             f"{answer.status_code}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
             "to an account on it."
         )
+    if answer.status_code >= 500:
+        # The server is there but broken (its database, with logins checked there, is down).
+        from mnistflow import remote
+
+        raise MnistflowError(str(remote.describe(answer.status_code, "/version", uri)))
     if answer.status_code != 200 or not re.fullmatch(r"\d+\.\d+\S*", answer.text.strip()):
         raise MnistflowError(
             f"{uri} answers, but not as an MLflow tracking server (/version answered HTTP "
