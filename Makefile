@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # Unset, they are downloaded from the public mirrors into ~/.cache/mnistflow.
 export MNISTFLOW_MNIST_MIRROR
 
-.PHONY: setup run test test-fast lint browser wrk bench clean
+.PHONY: setup run test test-fast lint browser wrk bench clean stack team-tools
 
 # The venv is rebuilt when the requirements change. constraints.txt pins every package
 # (torch included: an unpinned torch would pull a multi-GB CUDA build).
@@ -24,7 +24,7 @@ run: setup
 	$(BIN)/mnistflow pipeline
 
 ## Every test, the full-MNIST one included (about 3 minutes on 2 cores, after set-up).
-test: setup browser
+test: setup browser team-tools
 	$(BIN)/python -m pytest
 
 ## The fast ones only, for the edit-test loop: no full-MNIST runs, no server processes,
@@ -36,6 +36,18 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
+
+## The team stack by hand, as the tests start it: PostgreSQL + S3 (moto) + MLflow with logins.
+stack: setup
+	$(BIN)/python scripts/stack.py
+
+# The team-stack tests start PostgreSQL 15's server programs and parse deploy/ with Debian's
+# docker-compose (no Docker needed): both from Debian.
+team-tools:
+	@{ command -v docker-compose >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq docker-compose postgresql >/dev/null || \
+	    { apt-get update -qq && apt-get install -y -qq docker-compose postgresql >/dev/null; }; \
+	  else echo "The team-stack tests need: sudo apt-get install docker-compose postgresql"; exit 1; fi; }
 
 # The page test drives Debian's Chromium through Playwright (never a downloaded browser).
 browser:

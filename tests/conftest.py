@@ -3,6 +3,7 @@ free loopback ports, and the CLI run in-process or as a child that is always rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -137,3 +138,43 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
 
 # The installed entry point, as a user runs it.
 MNISTFLOW = [sys.executable, "-m", "mnistflow"]
+
+
+# -- the team stack: PostgreSQL + S3 + MLflow server with logins (see mnistflow.stack) --------
+
+WRITER, READER = "alice", "bob"
+
+
+@pytest.fixture(scope="session")
+def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One team stack for the session, with a writer (alice) and a read-only user (bob)."""
+    from mnistflow import stack
+
+    with stack.team_stack(tmp_path_factory.mktemp("team-stack")) as running:
+        running.add_user(WRITER, "alice-password-1")
+        running.add_user(READER, "bob-password-22")
+        yield running
+
+
+def user_env(team: Any, user: str | None, password: str | None = None) -> dict[str, str]:
+    """A client's whole environment: the tracking URI and a login, no bucket credentials."""
+    from mnistflow.stack import client_free_env
+
+    env = {**client_free_env(tool_env()), **team.client_env(user)}
+    if password is not None:
+        env["MLFLOW_TRACKING_PASSWORD"] = password
+    return env
+
+
+@contextlib.contextmanager
+def as_user(team: Any, user: str | None, password: str | None = None) -> Iterator[None]:
+    """This process as a client of the stack (in-process CLI calls and MlflowClient)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in list(os.environ):
+            if key.startswith(("AWS_", "MLFLOW_S3_", "MLFLOW_TRACKING_")):
+                mp.delenv(key)
+        for key, value in user_env(team, user, password).items():
+            if key.startswith("MLFLOW_"):
+                mp.setenv(key, value)
+        mlflow.set_tracking_uri(team.tracking_uri)
+        yield

@@ -77,15 +77,31 @@ def friendly_errors(command: F | None = None, *, interrupted: str = STOPPED) -> 
             try:
                 return command(*args, **kwargs)
             except MnistflowError as e:
-                err.print(f"[bold red]Error:[/] {e}", soft_wrap=True)
+                # A tracking server's 401/403/5xx behind it says more than the wrapping sentence.
+                err.print(f"[bold red]Error:[/] {_refusal(e) or e}", soft_wrap=True)
                 raise typer.Exit(1) from None
             except KeyboardInterrupt:
                 err.print(f"[yellow]Interrupted:[/] {interrupted}", soft_wrap=True)
                 raise typer.Exit(130) from None
+            except Exception as e:
+                sentence = _refusal(e)
+                if sentence is None:
+                    raise
+                err.print(f"[bold red]Error:[/] {sentence}", soft_wrap=True)
+                raise typer.Exit(1) from None
 
         return wrapper  # type: ignore[return-value]
 
     return decorate(command) if command is not None else decorate
+
+
+def _refusal(error: BaseException) -> str | None:
+    """One sentence when error comes from a tracking server's 401, 403 or 5xx, else None."""
+    import mlflow
+
+    from mnistflow import remote
+
+    return remote.sentence(error, str(mlflow.get_tracking_uri()))
 
 
 class ProgressBar(Reporter):
@@ -568,3 +584,23 @@ def pipeline(
         f"[bold]mnistflow predict {s['folder']}[/] for your own images; "
         "[bold]mnistflow serve[/] for the HTTP service and draw-a-digit page."
     )
+
+
+@app.command()
+@friendly_errors
+def doctor(
+    tracking_uri: TrackingUri = None,
+    experiment: Annotated[
+        str, typer.Option(help="Experiment to test writing to (a scratch run, then deleted).")
+    ] = "mnist",
+) -> None:
+    """Check the tracking setup: server and version, login for reading and writing, artifacts."""
+    from mnistflow.doctor import run_checks
+    from mnistflow.tracking import resolve_tracking_uri
+
+    checks = run_checks(resolve_tracking_uri(tracking_uri), experiment)
+    for check in checks:
+        mark = "[green]ok  [/]" if check.ok else "[bold red]FAIL[/]"
+        out.print(f"{mark} {check.name:<9} {check.text}", soft_wrap=True)
+    if not all(check.ok for check in checks):
+        raise typer.Exit(1)

@@ -79,8 +79,10 @@ def _check_server(uri: str) -> None:
     answers = {}
     for endpoint in ("/health", "/version"):
         try:
+            # 30 s, not less: a server with logins checks the password hash on a client's first
+            # request, which takes seconds on a busy machine.
             answers[endpoint] = http_request(
-                creds, endpoint, "GET", max_retries=0, timeout=5, raise_on_status=False
+                creds, endpoint, "GET", max_retries=0, timeout=30, raise_on_status=False
             )
         except (requests.RequestException, MlflowException) as e:
             cause = e.__cause__ if isinstance(e, MlflowException) and e.__cause__ else e
@@ -103,6 +105,11 @@ def _check_server(uri: str) -> None:
             f"{answer.status_code}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
             "to an account on it."
         )
+    if answer.status_code >= 500:
+        # The server is there but broken (its database, with logins checked there, is down).
+        from mnistflow import remote
+
+        raise MnistflowError(str(remote.describe(answer.status_code, "/version", uri)))
     if answer.status_code != 200 or not re.fullmatch(r"\d+\.\d+\S*", answer.text.strip()):
         raise MnistflowError(
             f"{uri} answers, but not as an MLflow tracking server (/version answered HTTP "
