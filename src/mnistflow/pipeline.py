@@ -38,6 +38,8 @@ class TrainSummary:
     model_uri: str  # the logged pyfunc model
     registered_model: str | None = None
     registered_version: str | None = None
+    # True when the run is kept in the local spool for `mnistflow sync` (server away).
+    spooled: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,6 +78,8 @@ def train_run(
         tempfile.TemporaryDirectory(prefix="mnistflow-") as tmp,
         TrackedRun(tracking_config) as run,
     ):
+        if run.spooled and register_as:
+            run.spooled.register_as(register_as)
         out = Path(tmp)
         config_file = out / "config.json"
         config_file.write_text(json.dumps(resolved, indent=2, default=str))
@@ -148,7 +152,17 @@ def train_run(
             total_seconds=total,
             model_uri=logged.model_uri,
         )
-    if register_as:
+    if run.spooled:
+        # The server has the run only once the spool's copy is through (see spool.py).
+        result = run.sync_result
+        summary.tracking_uri = run.tracking_uri
+        summary.spooled = not (result and result.complete)
+        if result and result.remote_run_id:
+            summary.run_id = result.remote_run_id
+        if register_as and result and result.registered_version:
+            summary.registered_model = register_as
+            summary.registered_version = result.registered_version
+    elif register_as:
         # After the run has ended: a version points at a finished run.
         version = registry.register(summary.run_id, register_as, logged.model_uri)
         summary.registered_model, summary.registered_version = register_as, str(version.version)

@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import mnistflow
+from mnistflow import spool
 from mnistflow.config import MnistflowError, TrackingConfig
 from mnistflow.data import DATASET_DIGEST, MnistSplits
 from mnistflow.reporting import Reporter
@@ -95,8 +96,22 @@ class TrackedRun(Reporter):
 
     def __enter__(self) -> TrackedRun:
         self.tracking_uri = resolve_tracking_uri(self.config.tracking_uri)
-        check_reachable(self.tracking_uri)
-        self.client = MlflowClient(self.tracking_uri)
+        self.spooled: spool.Session | None = None
+        self.sync_result: spool.SyncResult | None = None
+        if spool.is_remote(self.tracking_uri):
+            # Training writes only to the local spool; the server gets a copy (spool.py).
+            self.spooled = spool.Session(self.tracking_uri, self.config.require_server)
+            mlflow.set_tracking_uri(self.spooled.uri)
+            self.client = MlflowClient(self.spooled.uri)
+            if self.client.get_experiment_by_name(self.config.experiment) is None:
+                self.client.create_experiment(
+                    self.config.experiment,
+                    artifact_location=str(spool.spool_dir().resolve() / "artifacts"
+                                          / self.config.experiment),
+                )  # fmt: skip
+        else:
+            check_reachable(self.tracking_uri)
+            self.client = MlflowClient(self.tracking_uri)
         if self.config.async_logging:
             # Let MLflow's queue merge the blocks it holds into fewer store writes (one HTTP
             # request per second instead of one per block against a server). A user's own
@@ -119,6 +134,8 @@ class TrackedRun(Reporter):
             ) from e
         self.experiment_id = experiment.experiment_id
         self.run_id = run.info.run_id
+        if self.spooled:
+            self.spooled.attach(self.run_id)
         return self
 
     def __exit__(
@@ -138,6 +155,9 @@ class TrackedRun(Reporter):
             mlflow.flush_async_logging()
         finally:
             mlflow.end_run(RunStatus.to_string(status))
+        if self.spooled:
+            mlflow.set_tracking_uri(self.tracking_uri)
+            self.sync_result = self.spooled.finish(self.config.wait_for_server_seconds)
 
     @property
     def artifact_uri(self) -> str:
