@@ -344,8 +344,7 @@ class RunCopier:
             if version.run_id == remote_run_id or version.tags.get("run_id") == remote_run_id:
                 return str(version.version)
         served = next((m for s, m in self.models.items() if self._name(s) == "model"), None)
-        model_uri = f"models:/{served}" if served else None
-        return str(registry.register(remote_run_id, name, model_uri, client=self.remote).version)
+        return str(registry.register(self.remote, remote_run_id, name, served).version)
 
     def _name(self, spool_model_id: str) -> str:
         return str(self.spool.get_logged_model(spool_model_id).name)
@@ -364,20 +363,12 @@ def _rewrite_ids(model_dir: Path, model_id: str, run_id: str) -> None:
 
 def remote_experiment(client: MlflowClient, name: str) -> str:
     """The server's experiment of this name (created, as a model-training one, if missing)."""
+    from mnistflow import tracking
+
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return str(experiment.experiment_id)
-    try:
-        return str(
-            client.create_experiment(
-                name, tags={"mlflow.experimentKind": "custom_model_development"}
-            )
-        )
-    except MlflowException as e:  # another process created it a moment ago
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise e from None
-        return str(found.experiment_id)
+    return tracking.create_experiment(client, str(client.tracking_uri), name)
 
 
 def server_answers(uri: str) -> bool:
