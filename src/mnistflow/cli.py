@@ -7,6 +7,7 @@ run ends as KILLED).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -259,6 +260,21 @@ def train(
         bool, typer.Option(help="Register the logged model; the new version gets @challenger.")
     ] = False,
     model_name: ModelName = MODEL_NAME,
+    require_server: Annotated[
+        bool,
+        typer.Option(
+            help="With a tracking server: fail when it does not answer at the start, instead "
+            "of training into the local spool."
+        ),
+    ] = False,
+    wait_for_server: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="With a tracking server that went away: seconds the end of the command waits "
+            "for it before leaving the run in the spool for `mnistflow sync`.",
+        ),
+    ] = 60.0,
     as_json: JsonOut = False,
 ) -> None:
     """Train a model on MNIST and record the run (and its model) in MLflow."""
@@ -275,6 +291,8 @@ def train(
         tags=parse_tags(tag),
         async_logging=async_logging,
         system_metrics=system_metrics,
+        require_server=require_server,
+        wait_for_server_seconds=wait_for_server,
     )
     bar = ProgressBar(err)
     try:
@@ -288,7 +306,14 @@ def train(
     finally:
         bar.stop()
     print_result(summary.as_dict(), as_json, "Training run")
-    if not as_json:
+    if summary.spooled:
+        err.print(
+            f"[yellow]The tracking server at {summary.tracking_uri} did not answer:[/] the run "
+            "is kept in the local spool; send it with [bold]mnistflow sync[/] once the server "
+            "is back.",
+            soft_wrap=True,
+        )
+    elif not as_json:
         err.print(f"See it in the MLflow UI: [bold]mnistflow ui[/] (run {summary.run_id}).")
 
 
@@ -603,4 +628,55 @@ def doctor(
         mark = "[green]ok  [/]" if check.ok else "[bold red]FAIL[/]"
         out.print(f"{mark} {check.name:<9} {check.text}", soft_wrap=True)
     if not all(check.ok for check in checks):
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors(interrupted="the sync stopped part-way; run mnistflow sync again to complete it.")
+def sync(
+    list_only: Annotated[
+        bool, typer.Option("--list", help="Only show the runs waiting in the spool.")
+    ] = False,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="Only the runs meant for this tracking server.", show_default=False),
+    ] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Send the runs kept in the local spool (the server was away) to their tracking server."""
+    from mnistflow import spool
+
+    if list_only:
+        waiting = [
+            {
+                "spool_run_id": r.info.run_id,
+                "run_name": r.info.run_name,
+                "status": r.info.status,
+                "server": r.data.tags[spool.TARGET],
+                "server_run_id": r.data.tags.get(spool.REMOTE_RUN),
+            }
+            for r in spool.pending()
+            if not tracking_uri or r.data.tags[spool.TARGET] == tracking_uri
+        ]
+        if as_json:
+            print_result({"pending": waiting}, True, "")
+            return
+        table = Table(title=f"Waiting in {spool.spool_dir()}", title_justify="left")
+        for column in ("spool run", "name", "status", "server", "server run"):
+            table.add_column(column)
+        for row in waiting:
+            table.add_row(*(str(v or "-") for v in row.values()))
+        out.print(table)
+        return
+    results = spool.sync(target=tracking_uri)
+    rows = [dataclasses.asdict(r) for r in results]
+    if as_json:
+        print_result({"synced": rows}, True, "")
+    else:
+        for r in results:
+            state = "[green]sent[/]" if r.complete else f"[yellow]waiting[/] ({r.error})"
+            out.print(f"{r.spool_run_id} -> {r.target} run {r.remote_run_id or '-'}: {state}")
+        if not results:
+            out.print("Nothing waits in the spool.")
+    if any(not r.complete for r in results):
         raise typer.Exit(1)

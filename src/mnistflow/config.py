@@ -213,6 +213,10 @@ class TrackingConfig:
     system_metrics: bool = True
     # Seconds between system-metric samples; MLflow's default of 10 s would miss short runs.
     system_metrics_interval: float = 1.0
+    # For a tracking server: refuse to start when it does not answer (else train into the
+    # local spool), and how long the end of the command waits for a server that went away.
+    require_server: bool = False
+    wait_for_server_seconds: float = 60.0
 
 
 def as_dict(config: Any) -> dict[str, Any]:

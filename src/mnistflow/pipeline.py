@@ -49,6 +49,8 @@ class TrainSummary:
     model_uri: str  # the logged pyfunc
     registered_model: str | None = None
     registered_version: str | None = None
+    # True when the run is kept in the local spool for `mnistflow sync` (server away).
+    spooled: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,6 +80,8 @@ def train_run(
         tempfile.TemporaryDirectory(prefix="mnistflow-") as tmp,
         TrackedRun(tracking_config) as run,
     ):
+        if run.spooled and register_as:
+            run.spooled.register_as(register_as)
         workdir = Path(tmp)
         _record_inputs(run, resolved, train_config, tracking_config, splits, workdir)
         result = fit(
@@ -107,7 +111,17 @@ def train_run(
             total_seconds=total,
             model_uri=logged.model_uri,
         )
-    if register_as:
+    if run.spooled:
+        # The server has the run only once the spool's copy is through (see spool.py).
+        copied = run.sync_result
+        summary.tracking_uri = run.tracking_uri
+        summary.spooled = not (copied and copied.complete)
+        if copied and copied.remote_run_id:
+            summary.run_id = copied.remote_run_id
+        if register_as and copied and copied.registered_version:
+            summary.registered_model = register_as
+            summary.registered_version = copied.registered_version
+    elif register_as:
         # After the run has ended: a version points at a finished run.
         client = registry.client_for(summary.tracking_uri)
         version = registry.register(client, summary.run_id, register_as, logged.model_id)

@@ -121,3 +121,29 @@ def describe(status: int, endpoint: str, tracking_uri: str) -> str | None:
             + "): its database or artifact store may be down; see the server's log."
         )
     return None
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether error means the server is away (no reply, a timeout, or a 5xx), as opposed to
+    a refusal of what was sent or of who sent it: waiting and retrying can mend an outage."""
+    import requests
+
+    found = status_of(error)
+    if found is not None:
+        return found[0] >= 500
+    if _broken_off(error) is not None:
+        return True
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, requests.ConnectionError | requests.Timeout | TimeoutError):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def is_login_refused(error: BaseException) -> bool:
+    """A 401 or 403: not an outage; retrying will not help."""
+    found = status_of(error)
+    return found is not None and found[0] in (401, 403)

@@ -35,6 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import mnistflow
+from mnistflow import spool
 from mnistflow.config import MnistflowError, TrackingConfig
 from mnistflow.data import DATASET_DIGEST, MnistSplits
 from mnistflow.reporting import Reporter
@@ -142,7 +143,7 @@ def use_experiment(name: str) -> str:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        experiment_id = _create_experiment(client, uri, name)
+        experiment_id = create_experiment(client, uri, name)
     else:
         experiment_id = experiment.experiment_id
         kind = experiment.tags.get(EXPERIMENT_KIND_TAG)
@@ -154,7 +155,7 @@ def use_experiment(name: str) -> str:
     return str(experiment_id)
 
 
-def _create_experiment(client: MlflowClient, uri: str, name: str) -> str:
+def create_experiment(client: MlflowClient, uri: str, name: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         # Beside the database: MLflow's default is ./mlruns in whatever folder the command
@@ -214,8 +215,17 @@ class TrackedRun(Reporter):
     # -- the run's life -------------------------------------------------------------------
 
     def __enter__(self) -> TrackedRun:
-        self.tracking_uri = use_store(self.config.tracking_uri, create=True)
-        self.client = MlflowClient(self.tracking_uri)
+        self.tracking_uri = resolve_tracking_uri(self.config.tracking_uri)
+        self.spooled: spool.Session | None = None
+        self.sync_result: spool.SyncResult | None = None
+        if spool.is_remote(self.tracking_uri):
+            # Training writes only to the local spool; the server gets a copy (spool.py).
+            self.spooled = spool.Session(self.tracking_uri, self.config.require_server)
+            mlflow.set_tracking_uri(self.spooled.uri)
+            self.client = MlflowClient(self.spooled.uri)
+        else:
+            use_store(self.tracking_uri, create=True)
+            self.client = MlflowClient(self.tracking_uri)
         if self.config.async_logging:
             # Let MLflow's queue merge the blocks it holds into fewer store writes (one HTTP
             # request per second instead of one per block against a server). A user's own
@@ -237,6 +247,8 @@ class TrackedRun(Reporter):
                 f"{self.tracking_uri}: {e.message}"
             ) from e
         self.run_id = run.info.run_id
+        if self.spooled:
+            self.spooled.attach(self.run_id)
         return self
 
     def __exit__(
@@ -256,6 +268,12 @@ class TrackedRun(Reporter):
             mlflow.flush_async_logging()
         finally:
             mlflow.end_run(RunStatus.to_string(status))
+        if self.spooled:
+            mlflow.set_tracking_uri(self.tracking_uri)
+            # A run that failed or was interrupted is not worth a long wait for the server:
+            # it stays in the spool for `mnistflow sync`.
+            wait = self.config.wait_for_server_seconds
+            self.sync_result = self.spooled.finish(wait if exc_type is None else min(wait, 5))
 
     @property
     def artifact_uri(self) -> str:

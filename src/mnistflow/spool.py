@@ -1,0 +1,538 @@
+"""Tracking that survives the server going down: a run meant for a tracking server is
+written to a local spool and copied to the server by a forwarder thread, and later by
+`mnistflow sync`, exactly once.
+
+The spool is an embedded MLflow store (sqlite + an artifact folder) under
+$MNISTFLOW_SPOOL_DIR (default ~/.cache/mnistflow/spool). Training only ever writes to it,
+so a server that restarts, hangs (SIGSTOP) or is gone never makes training wait or fail.
+
+Copying is idempotent, step by step, so a copy cut off half-way is simply run again:
+- the server run is found by its tag ``mnistflow.spool_run_id`` before one is created, and
+  a run that had started on the server before the outage is completed there (same run);
+- params and tags are set again with the same values (a no-op);
+- metrics are re-sent from what this process has not sent yet; a re-sent identical metric
+  (key, value, step, timestamp) is dropped by MLflow's SQL store (SqlAlchemyStore deduplicates
+  on insert), so nothing is doubled after a crash;
+- dataset inputs are deduplicated by MLflow on (name, digest);
+- artifacts are uploaded to the same paths (an overwrite);
+- a logged model is created on the server once, found again by its tag
+  ``mnistflow.spool_model_id``;
+- the registration a run asked for is made once, found again by the version's run_id.
+
+Why not mlflow-export-import: its import creates a NEW run (and new logged models) on every
+import, so it can neither complete a run that had started on the server nor be repeated
+without doubling; incremental copying while training runs is not what it is for either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import (
+    DatasetInput,
+    LoggedModelOutput,
+    LoggedModelStatus,
+    Metric,
+    Param,
+    RunStatus,
+    RunTag,
+)
+from mlflow.tracking import MlflowClient
+
+from mnistflow import remote
+from mnistflow.config import MnistflowError
+
+log = logging.getLogger(__name__)
+
+# Tags on spool runs (never copied to the server).
+BOOKKEEPING = "mnistflow.sync."
+TARGET = "mnistflow.sync.target"  # the tracking URI the run belongs to
+REMOTE_RUN = "mnistflow.sync.remote_run_id"  # its run on the server, once there is one
+DONE = "mnistflow.sync.done"  # "true" once the whole run is on the server
+REGISTER_AS = "mnistflow.sync.register_as"  # the model name `--register` asked for
+REGISTERED = "mnistflow.sync.registered_version"
+# Tags on the server's runs and models: where they came from (how a repeat finds them).
+SPOOL_RUN = "mnistflow.spool_run_id"
+SPOOL_MODEL = "mnistflow.spool_model_id"
+
+# How long one request to the server may take while spooling; MLflow's own default
+# (120 s, with retries) would hold the forwarder for minutes on a hung server.
+REQUEST_TIMEOUT_S = 10
+
+
+def spool_dir() -> Path:
+    return Path(
+        os.environ.get("MNISTFLOW_SPOOL_DIR") or Path.home() / ".cache" / "mnistflow" / "spool"
+    )
+
+
+def spool_uri(folder: Path | None = None) -> str:
+    folder = folder or spool_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder.resolve() / 'spool.db'}"
+
+
+def is_remote(uri: str) -> bool:
+    """Runs for a tracking server go through the spool; embedded stores are written directly."""
+    return uri.startswith(("http://", "https://"))
+
+
+def auth_problem(error: BaseException, target: str) -> str | None:
+    """One sentence when the server refused our login (not an outage: retrying won't help)."""
+    if not remote.is_login_refused(error):
+        return None
+    return remote.sentence(error, target)
+
+
+@contextlib.contextmanager
+def short_requests(timeout: int = REQUEST_TIMEOUT_S) -> Iterator[None]:
+    """Requests to the server fail fast (we retry on our own schedule, not MLflow's)."""
+    settings = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        # Copying a model's files is no download a person waits on: no progress bars.
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass
+class SyncResult:
+    spool_run_id: str
+    target: str
+    remote_run_id: str | None = None
+    complete: bool = False
+    registered_version: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class RunCopier:
+    """Copies one spool run to its server, idempotently (see the module's docstring)."""
+
+    spool: MlflowClient
+    remote: MlflowClient
+    spool_run_id: str
+    # What this process has sent already; a fresh copier re-sends (harmlessly) from zero.
+    sent_metrics: dict[str, int] = field(default_factory=dict)
+    sent_artifacts: set[str] = field(default_factory=set)
+    sent_fields: dict[str, Any] = field(default_factory=dict)  # params, tags, inputs as sent
+    models: dict[str, str] = field(default_factory=dict)  # spool model id -> server model id
+    remote_run_id: str | None = None
+    remote_experiment_id: str | None = None
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def ensure_remote_run(self) -> str:
+        """The server run for this spool run: recorded, found by tag, or created now."""
+        if self.remote_run_id:
+            return self.remote_run_id
+        run = self.spool.get_run(self.spool_run_id)
+        experiment = self.spool.get_experiment(run.info.experiment_id)
+        self.remote_experiment_id = remote_experiment(self.remote, experiment.name)
+        recorded = run.data.tags.get(REMOTE_RUN)
+        if not recorded:
+            found = self.remote.search_runs(
+                [self.remote_experiment_id],
+                filter_string=f"tags.`{SPOOL_RUN}` = '{self.spool_run_id}'",
+                max_results=1,
+            )
+            if found:
+                recorded = found[0].info.run_id
+            else:
+                recorded = self.remote.create_run(
+                    self.remote_experiment_id,
+                    start_time=run.info.start_time,
+                    tags={SPOOL_RUN: self.spool_run_id},
+                    run_name=run.info.run_name,
+                ).info.run_id
+            self.spool.set_tag(self.spool_run_id, REMOTE_RUN, recorded)
+        self.remote_run_id = recorded
+        return recorded
+
+    def push_run_data(self) -> None:
+        """Params, tags, dataset inputs and the metrics not linked to a model."""
+        remote_id = self.ensure_remote_run()
+        run = self.spool.get_run(self.spool_run_id)
+        params = [Param(k, v) for k, v in run.data.params.items()]
+        tags = [
+            RunTag(k, v)
+            for k, v in run.data.tags.items()
+            if not k.startswith(BOOKKEEPING) and k != "mlflow.runName"
+        ]
+        tags.append(RunTag(SPOOL_RUN, self.spool_run_id))
+        if self.sent_fields.get("params") != params or self.sent_fields.get("tags") != tags:
+            # MLflow takes at most 100 params and 100 tags per call.
+            for start in range(0, max(len(params), len(tags)), 100):
+                self.remote.log_batch(
+                    remote_id, params=params[start : start + 100], tags=tags[start : start + 100]
+                )
+            self.sent_fields.update(params=params, tags=tags)
+        inputs = run.inputs.dataset_inputs if run.inputs else []
+        if len(inputs) != self.sent_fields.get("inputs", 0):
+            self.remote.log_inputs(
+                remote_id, datasets=[DatasetInput(i.dataset, i.tags) for i in inputs]
+            )
+            self.sent_fields["inputs"] = len(inputs)
+        self._push_metrics(run.data.metrics, with_models=False)
+
+    def _push_metrics(self, latest: dict[str, float], with_models: bool) -> None:
+        remote_id = self.ensure_remote_run()
+        pending: list[Metric] = []
+        for key in sorted(latest):
+            history = self.spool.get_metric_history(self.spool_run_id, key)
+            history.sort(key=lambda m: (m.step, m.timestamp))
+            done = self.sent_metrics.get(key, 0)
+            fresh = history[done:]
+            if not with_models and any(m.model_id for m in fresh):
+                # A metric linked to a model waits until the model is on the server.
+                fresh = fresh[: next(i for i, m in enumerate(fresh) if m.model_id)]
+            for m in fresh:
+                model_id = self.models.get(m.model_id) if m.model_id else None
+                pending.append(
+                    Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id,
+                           dataset_name=m.dataset_name, dataset_digest=m.dataset_digest)
+                )  # fmt: skip
+            self.sent_metrics[key] = done + len(fresh)
+        # MLflow takes at most 1,000 metrics per call.
+        for start in range(0, len(pending), 1000):
+            self.remote.log_batch(remote_id, metrics=pending[start : start + 1000])
+
+    def push_models(self) -> None:
+        """Every finished model of the spool run onto the server, once each."""
+        remote_id = self.ensure_remote_run()
+        assert self.remote_experiment_id is not None
+        run = self.spool.get_run(self.spool_run_id)
+        outputs = run.outputs.model_outputs if run.outputs else []
+        if not outputs:
+            return
+        existing = {
+            m.tags.get(SPOOL_MODEL): m.model_id
+            for m in self.remote.search_logged_models(
+                experiment_ids=[self.remote_experiment_id],
+                filter_string=f"source_run_id = '{remote_id}'",
+            )
+        }
+        for output in outputs:
+            spool_model = self.spool.get_logged_model(output.model_id)
+            if spool_model.status != LoggedModelStatus.READY:
+                continue
+            remote_model = existing.get(spool_model.model_id) or self.models.get(
+                spool_model.model_id
+            )
+            if remote_model is None:
+                remote_model = self._copy_model(spool_model, remote_id)
+            self.models[spool_model.model_id] = remote_model
+        self.remote.log_outputs(
+            remote_id,
+            [LoggedModelOutput(self.models[o.model_id], o.step) for o in outputs
+             if o.model_id in self.models],
+        )  # fmt: skip
+
+    def _copy_model(self, spool_model: Any, remote_run_id: str) -> str:
+        assert self.remote_experiment_id is not None
+        created = self.remote.create_logged_model(
+            self.remote_experiment_id,
+            name=spool_model.name,
+            source_run_id=remote_run_id,
+            tags={**spool_model.tags, SPOOL_MODEL: spool_model.model_id},
+            params=spool_model.params,
+            model_type=spool_model.model_type,
+        )
+        with tempfile.TemporaryDirectory(prefix="mnistflow-sync-") as tmp:
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=spool_model.artifact_location, dst_path=tmp,
+                    tracking_uri=self.spool.tracking_uri,
+                )
+            )  # fmt: skip
+            _rewrite_ids(local, created.model_id, remote_run_id)
+            self.remote.log_model_artifacts(created.model_id, str(local))
+        self.remote.finalize_logged_model(created.model_id, LoggedModelStatus.READY)
+        return str(created.model_id)
+
+    def push_artifacts(self) -> None:
+        """The run's own artifacts (not its models'), file by file, new ones only."""
+        remote_id = self.ensure_remote_run()
+        root = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=self.spool_run_id, tracking_uri=self.spool.tracking_uri,
+                dst_path=tempfile.mkdtemp(prefix="mnistflow-sync-"),
+            )
+        )  # fmt: skip
+        try:
+            for path in sorted(p for p in root.rglob("*") if p.is_file()):
+                relative = path.relative_to(root)
+                if str(relative) in self.sent_artifacts:
+                    continue
+                folder = str(relative.parent) if relative.parent != Path(".") else None
+                self.remote.log_artifact(remote_id, str(path), folder)
+                self.sent_artifacts.add(str(relative))
+        finally:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+
+    def finish(self) -> SyncResult:
+        """The whole run onto the server, its registration, then its end; safe to repeat."""
+        run = self.spool.get_run(self.spool_run_id)
+        target = run.data.tags.get(TARGET, "")
+        result = SyncResult(self.spool_run_id, target)
+        if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
+            result.error = "the run is still running"
+            return result
+        self.push_run_data()
+        self.push_models()
+        self._push_metrics(run.data.metrics, with_models=True)
+        self.push_artifacts()
+        remote_id = self.ensure_remote_run()
+        result.remote_run_id = remote_id
+        name = run.data.tags.get(REGISTER_AS)
+        if name and run.info.status == RunStatus.to_string(RunStatus.FINISHED):
+            result.registered_version = self._register(name, remote_id)
+            self.spool.set_tag(self.spool_run_id, REGISTERED, result.registered_version)
+        self.remote.set_terminated(remote_id, run.info.status, run.info.end_time)
+        self.spool.set_tag(self.spool_run_id, DONE, "true")
+        result.complete = True
+        return result
+
+    def _register(self, name: str, remote_run_id: str) -> str:
+        from mnistflow import registry
+
+        for version in self.remote.search_model_versions(f"name='{name}'"):
+            if version.run_id == remote_run_id or version.tags.get("run_id") == remote_run_id:
+                return str(version.version)
+        served = next((m for s, m in self.models.items() if self._name(s) == "model"), None)
+        return str(registry.register(self.remote, remote_run_id, name, served).version)
+
+    def _name(self, spool_model_id: str) -> str:
+        return str(self.spool.get_logged_model(spool_model_id).name)
+
+
+def _rewrite_ids(model_dir: Path, model_id: str, run_id: str) -> None:
+    """Point the copied MLmodel file at its server model and run, not the spool's."""
+    from mlflow.models import Model
+
+    path = model_dir / "MLmodel"
+    if path.is_file():
+        model = Model.load(str(path))
+        model.model_id, model.run_id = model_id, run_id
+        model.save(str(path))
+
+
+def remote_experiment(client: MlflowClient, name: str) -> str:
+    """The server's experiment of this name (created, as a model-training one, if missing)."""
+    from mnistflow import tracking
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    return tracking.create_experiment(client, str(client.tracking_uri), name)
+
+
+def server_answers(uri: str) -> bool:
+    """Whether anything answers /health at uri without a network error or a 5xx."""
+    import requests
+
+    try:
+        return requests.get(uri.rstrip("/") + "/health", timeout=5).status_code < 500
+    except requests.RequestException:
+        return False
+
+
+class Forwarder(threading.Thread):
+    """Copies a run's params, tags and metrics to the server while it trains, every few
+    seconds; an outage only postpones the next copy. Never raises into training."""
+
+    def __init__(self, copier: RunCopier, interval: float = 2.0) -> None:
+        super().__init__(name="mnistflow-forwarder", daemon=True)
+        self.copier = copier
+        self.interval = interval
+        self.stopping = threading.Event()
+        self.outage_since: float | None = None
+        self.refused: str | None = None  # credentials refused: stop trying
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.interval):
+            self.step()
+
+    def step(self) -> bool:
+        """One copy; True when the server took it."""
+        if self.refused:
+            return False
+        try:
+            self.copier.push_run_data()
+        except Exception as e:
+            self.refused = auth_problem(e, str(self.copier.remote.tracking_uri))
+            if self.refused is None and not remote.is_outage(e):
+                log.warning("copying run %s to the server failed: %s", self.copier.spool_run_id, e)
+            if self.outage_since is None:
+                self.outage_since = time.monotonic()
+                log.warning("the tracking server is not answering; the run goes on in the spool")
+            return False
+        if self.outage_since is not None:
+            log.warning(
+                "the tracking server answers again after %.0f s; catching up",
+                time.monotonic() - self.outage_since,
+            )
+            self.outage_since = None
+        return True
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
+
+
+def finish_with_deadline(copier: RunCopier, deadline_s: float) -> SyncResult:
+    """The final copy at the end of a command: try until it works or deadline_s pass."""
+    end = time.monotonic() + deadline_s
+    last: BaseException | None = None
+    while True:
+        try:
+            return copier.finish()
+        except Exception as e:
+            problem = auth_problem(e, str(copier.remote.tracking_uri))
+            if problem:
+                raise MnistflowError(problem) from e
+            if not remote.is_outage(e):
+                raise
+            last = e
+        if time.monotonic() >= end:
+            run = copier.spool.get_run(copier.spool_run_id)
+            return SyncResult(
+                copier.spool_run_id, run.data.tags.get(TARGET, ""), copier.remote_run_id,
+                error=f"the tracking server did not answer ({type(last).__name__})",
+            )  # fmt: skip
+        time.sleep(2)
+
+
+def pending(folder: Path | None = None) -> list[Any]:
+    """Spool runs not yet completely on their server (finished ones, and stale running ones)."""
+    client = MlflowClient(spool_uri(folder))
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    runs = client.search_runs(experiments, max_results=50000)
+    return [r for r in runs if TARGET in r.data.tags and r.data.tags.get(DONE) != "true"]
+
+
+def sync(folder: Path | None = None, target: str | None = None) -> list[SyncResult]:
+    """Send every pending spool run (for target, when given) to its server."""
+    with short_requests(timeout=60):
+        return _sync(folder, target)
+
+
+def _sync(folder: Path | None, target: str | None) -> list[SyncResult]:
+    spool = MlflowClient(spool_uri(folder))
+    results = []
+    for run in pending(folder):
+        uri = run.data.tags[TARGET]
+        if target and uri != target:
+            continue
+        if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
+            results.append(SyncResult(run.info.run_id, uri, error="still running"))
+            continue
+        copier = RunCopier(spool, MlflowClient(uri, registry_uri=uri), run.info.run_id)
+        try:
+            results.append(copier.finish())
+        except Exception as e:
+            problem = auth_problem(e, uri)
+            if problem:
+                raise MnistflowError(problem) from e
+            if not remote.is_outage(e):
+                raise
+            results.append(
+                SyncResult(run.info.run_id, uri, copier.remote_run_id,
+                           error=f"the tracking server at {uri} did not answer")
+            )  # fmt: skip
+    return results
+
+
+class Session:
+    """One training run spooled for a server: opened before the run, finished after it.
+
+    session = Session(target, require_server)    # checks the server (or warns)
+    ... start the run in the spool store (session.uri), then session.attach(run_id)
+    ... train; the forwarder copies as it goes
+    result = session.finish(deadline_s)          # after the spool run has ended
+    """
+
+    def __init__(self, target: str, require_server: bool = False) -> None:
+        from mnistflow import tracking
+
+        self.target = target
+        self.uri = spool_uri()
+        self.remote = MlflowClient(target, registry_uri=target)
+        self.copier: RunCopier | None = None
+        self.forwarder: Forwarder | None = None
+        self.server_up = True
+        self._requests = short_requests()
+        self._requests.__enter__()
+        if server_answers(target):
+            try:
+                # Wrong credentials or a server that is not MLflow are not outages: stop.
+                tracking.check_reachable(target)
+            except MnistflowError:
+                self._requests.__exit__(None, None, None)
+                raise
+        elif require_server:
+            self._requests.__exit__(None, None, None)
+            raise MnistflowError(
+                f"Cannot reach the MLflow tracking server at {target} and --require-server was "
+                "given; start it, or leave out --require-server to train into the local spool."
+            )
+        else:
+            self.server_up = False
+            log.warning(
+                "The tracking server at %s does not answer; training goes on into the local "
+                "spool (%s), to be sent when it is back.", target, self.uri,
+            )  # fmt: skip
+
+    def attach(self, spool_run_id: str) -> None:
+        spool = MlflowClient(self.uri)
+        spool.set_tag(spool_run_id, TARGET, self.target)
+        self.copier = RunCopier(spool, self.remote, spool_run_id)
+        self.forwarder = Forwarder(self.copier)
+        if self.server_up:
+            # The server's run exists from the start, so the UI shows it while it trains.
+            self.forwarder.step()
+        self.forwarder.start()
+
+    def register_as(self, name: str) -> None:
+        """Register the run's model under name once it is on the server."""
+        assert self.copier is not None
+        self.copier.spool.set_tag(self.copier.spool_run_id, REGISTER_AS, name)
+
+    @property
+    def remote_run_id(self) -> str | None:
+        return self.copier.remote_run_id if self.copier else None
+
+    def finish(self, deadline_s: float) -> SyncResult:
+        """Stop the forwarder and copy the ended run, trying for up to deadline_s."""
+        try:
+            assert self.copier is not None and self.forwarder is not None
+            self.forwarder.stop()
+            if self.forwarder.refused:
+                raise MnistflowError(self.forwarder.refused)
+            return finish_with_deadline(self.copier, deadline_s)
+        finally:
+            self._requests.__exit__(None, None, None)

@@ -1,0 +1,244 @@
+"""Tracking that survives the server going down, against a real `mlflow server` on loopback:
+paused, killed and restarted, never there; `mnistflow sync` delivers exactly once."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import FAST_ARGS, MNISTFLOW, free_port, run_cli
+from mnistflow import servers
+
+# Each test trains against a real mlflow server that it pauses, kills or never starts.
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+@dataclass
+class Server:
+    """An `mlflow server` on a fixed port and store that can be paused, killed, restarted."""
+
+    folder: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        args = [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+            "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+            "--artifacts-destination", str(self.folder / "artifacts"),
+        ]  # fmt: skip
+        bin_dir = str(Path(sys.executable).parent)
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+        self.proc = servers.start(
+            args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        servers.wait_until_up(f"{self.uri}/health", self.proc, timeout=120)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            servers.stop(self.proc)
+            self.proc = None
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    server = Server(tmp_path / "server", free_port())
+    server.folder.mkdir()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(ProcessLookupError, AssertionError):
+            server.resume()
+        server.stop()
+
+
+@pytest.fixture
+def spool_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "spool"
+    monkeypatch.setenv("MNISTFLOW_SPOOL_DIR", str(folder))
+    monkeypatch.chdir(tmp_path)
+    return folder
+
+
+def histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every metric's history as (step, value) pairs, system metrics left out."""
+    run = client.get_run(run_id)
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        for key in run.data.metrics
+        if not key.startswith("system/")
+    }
+
+
+def assert_complete(client: MlflowClient, run_id: str, reference: dict) -> None:
+    """The server's run holds exactly the reference's metrics, its artifacts and models."""
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    got = histories(client, run_id)
+    timing = {"train_seconds", "total_seconds", "epoch_seconds", "images_per_second"}
+    for key, expected in reference.items():
+        if key in timing:
+            assert [s for s, _ in got[key]] == [s for s, _ in expected], key
+        else:
+            assert got[key] == expected, key
+    assert set(got) == set(reference)
+    artifacts = {a.path for a in client.list_artifacts(run_id, "reports")}
+    assert "reports/confusion_matrix.png" in artifacts
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+    assert {m.name for m in models} >= {"model"}
+    served = next(m for m in models if m.name == "model")
+    loaded = mlflow.pyfunc.load_model(f"models:/{served.model_id}")
+    assert loaded.unwrap_python_model().classify(np.zeros((1, 28, 28), "float32"))[1].shape == (
+        1,
+        10,
+    )
+
+
+TRAIN = ["train", *FAST_ARGS, "--seed", "3", "--json"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The metric histories of the same run logged to an embedded store, without faults."""
+    folder = tmp_path_factory.mktemp("reference")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        result = run_cli(*TRAIN, "--tracking-uri", uri)
+    assert result.exit_code == 0, result.stderr
+    return histories(MlflowClient(uri), result.json()["run_id"])
+
+
+def start_training(spawn, uri: str, *extra: str) -> subprocess.Popen[str]:
+    return spawn([*MNISTFLOW, *TRAIN, "--tracking-uri", uri, *extra])
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 300) -> dict:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    return {"json": json.loads(stdout.strip().splitlines()[-1]), "stderr": stderr}
+
+
+def wait_for_remote_run(server: Server, timeout: float = 120) -> str:
+    """The id of the run the training command opened on the server, once it is there."""
+    client = MlflowClient(server.uri)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        experiment = client.get_experiment_by_name("mnist")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if runs:
+            return runs[0].info.run_id
+        time.sleep(0.2)
+    raise AssertionError("the training run never appeared on the server")
+
+
+def only_run(server: Server) -> str:
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("mnist")
+    (run,) = client.search_runs([experiment.experiment_id])
+    return run.info.run_id
+
+
+def test_a_paused_server_costs_the_run_nothing(server, spool_folder, reference, spawn):
+    server.start()
+    proc = start_training(spawn, server.uri)
+    run_id = wait_for_remote_run(server)
+    server.pause()  # hangs: connections are accepted, nothing answers
+    time.sleep(8)
+    server.resume()
+    outcome = finish(proc)
+    assert outcome["json"]["run_id"] == run_id and outcome["json"]["spooled"] is False
+    mlflow.set_tracking_uri(server.uri)
+    assert_complete(MlflowClient(server.uri), run_id, reference)
+    assert only_run(server) == run_id  # one run, not a second one
+
+
+def test_a_restarted_server_gets_the_same_run_completed(server, spool_folder, reference, spawn):
+    server.start()
+    proc = start_training(spawn, server.uri)
+    run_id = wait_for_remote_run(server)
+    server.stop()  # connections refused
+    time.sleep(3)
+    server.start()  # same store, same port
+    outcome = finish(proc)
+    assert outcome["json"]["run_id"] == run_id and outcome["json"]["spooled"] is False
+    mlflow.set_tracking_uri(server.uri)
+    assert_complete(MlflowClient(server.uri), run_id, reference)
+    assert only_run(server) == run_id
+
+
+def test_a_server_gone_for_good_leaves_the_run_to_sync_once(server, spool_folder, reference, spawn):
+    server.start()
+    proc = start_training(spawn, server.uri, "--register", "--wait-for-server", "2")
+    run_id = wait_for_remote_run(server)
+    server.stop()
+    outcome = finish(proc)
+    assert outcome["json"]["spooled"] is True
+    assert "mnistflow sync" in " ".join(outcome["stderr"].split())
+    waiting = run_cli("sync", "--list", "--json")
+    assert [r["server_run_id"] for r in waiting.json()["pending"]] == [run_id]
+
+    server.start()
+    first = run_cli("sync", "--json")
+    assert first.exit_code == 0, first.stderr
+    (synced,) = first.json()["synced"]
+    assert synced["complete"] and synced["remote_run_id"] == run_id  # the same run, completed
+    mlflow.set_tracking_uri(server.uri)
+    client = MlflowClient(server.uri)
+    assert_complete(client, run_id, reference)
+    assert client.get_model_version("mnist", synced["registered_version"]).run_id == run_id
+
+    # Again: nothing is sent twice, nothing waits.
+    assert run_cli("sync", "--json").json()["synced"] == []
+    assert histories(client, run_id) == histories(client, run_id) and only_run(server) == run_id
+    assert len(client.search_model_versions("name='mnist'")) == 1
+
+
+def test_no_server_at_start_trains_into_the_spool(server, spool_folder, reference, cli):
+    refused = cli(*TRAIN, "--tracking-uri", server.uri, "--require-server")
+    assert refused.exit_code == 1 and "--require-server" in refused.stderr
+
+    result = cli(*TRAIN, "--tracking-uri", server.uri, "--wait-for-server", "0")
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["spooled"] is True
+    server.start()
+    synced = cli("sync", "--json")
+    assert synced.exit_code == 0, synced.stderr
+    (only,) = synced.json()["synced"]
+    mlflow.set_tracking_uri(server.uri)
+    client = MlflowClient(server.uri)
+    assert_complete(client, only["remote_run_id"], reference)
+    # An interrupted sync is simply run again: here, forget what was recorded and repeat.
+    again = cli("sync", "--json")
+    assert again.json()["synced"] == []
+    counts = {k: len(v) for k, v in histories(client, only["remote_run_id"]).items()}
+    assert counts == {k: len(v) for k, v in reference.items()}
