@@ -24,7 +24,7 @@ from mlflow.models import EvaluationResult, MetricThreshold
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 from mlflow.tracking import MlflowClient
 
-from mnistflow import data, registry
+from mnistflow import data, registry, tracking
 from mnistflow.config import MODEL_NAME, DataConfig, MnistflowError
 
 EXPERIMENT = "mnist-promotion"
@@ -127,7 +127,8 @@ def promote(
     frame = _pixel_frame(test.images.numpy())
     frame["label"] = test.labels.numpy()
 
-    mlflow.set_experiment(EXPERIMENT)
+    # Under an MLflow Project (`mlflow run . -e promote`) the decision is the project's run.
+    tracking.use_experiment(EXPERIMENT)
     with mlflow.start_run(run_name=f"promote {name} v{challenger}") as parent:
         mlflow.log_params(
             {

@@ -72,6 +72,46 @@ def git_state() -> tuple[str, bool | None]:
         return "unknown", None
 
 
+def project_run_id() -> str | None:
+    """The run an MLflow Project started for this process, if any.
+
+    `mlflow run` and `mlflow.projects.run` create the run themselves and pass its id in
+    MLFLOW_RUN_ID; mlflow.start_run() resumes that run (and removes the variable).
+    """
+    return os.environ.get("MLFLOW_RUN_ID") or None
+
+
+def use_experiment(name: str) -> None:
+    """Make name the active experiment, unless an MLflow Project already made the run.
+
+    The project's run lives in the experiment given to `mlflow run --experiment-name`;
+    setting another one here would make start_run refuse to resume it.
+    """
+    if project_run_id() is None:
+        mlflow.set_experiment(name)
+
+
+def fail_project_run(reason: str) -> None:
+    """End the MLflow Project's run as FAILED with the reason, when it failed before starting.
+
+    Without this the run would only be marked FAILED by the `mlflow run` parent, with no
+    word of why.
+    """
+    run_id = project_run_id()
+    if run_id is None:
+        return
+    try:
+        client = MlflowClient()
+        client.set_tag(run_id, FAILURE_TAG, reason[:5000])
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+    except MlflowException:
+        pass  # the store itself is what failed; the parent still marks the run FAILED
+
+
+# Why a run ended FAILED, in one sentence (the exception's message).
+FAILURE_TAG = "failure_reason"
+
+
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, Mapping):
         for key, inner in value.items():
@@ -106,7 +146,8 @@ class TrackedRun(Reporter):
             mlflow.set_system_metrics_sampling_interval(self.config.system_metrics_interval)
             mlflow.set_system_metrics_samples_before_logging(1)
         try:
-            experiment = mlflow.set_experiment(self.config.experiment)
+            # Under an MLflow Project the project's run and experiment win over ours.
+            use_experiment(self.config.experiment)
             run = mlflow.start_run(
                 run_name=self.config.run_name,
                 description=self.config.description,
@@ -117,7 +158,7 @@ class TrackedRun(Reporter):
                 f"MLflow refused to start a run in experiment {self.config.experiment!r} at "
                 f"{self.tracking_uri}: {e.message}"
             ) from e
-        self.experiment_id = experiment.experiment_id
+        self.experiment_id = run.info.experiment_id
         self.run_id = run.info.run_id
         return self
 
@@ -133,6 +174,11 @@ class TrackedRun(Reporter):
             status = RunStatus.KILLED
         else:
             status = RunStatus.FAILED
+        try:
+            if status == RunStatus.FAILED and exc is not None:
+                mlflow.set_tag(FAILURE_TAG, f"{type(exc).__name__}: {exc}"[:5000])
+        except MlflowException:
+            pass  # the store is what failed: ending the run below is all that is left
         try:
             # Every queued metric is written before the run is marked ended.
             mlflow.flush_async_logging()
