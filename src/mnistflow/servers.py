@@ -9,12 +9,16 @@ always started as the leader of a new process group and the whole group is ended
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -61,10 +65,12 @@ def start(args: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
     return subprocess.Popen(list(args), start_new_session=True, **popen)
 
 
-def stop(proc: subprocess.Popen[Any], grace: float = 10) -> None:
-    """End proc's whole process group: SIGTERM, then SIGKILL after grace seconds."""
+def stop(
+    proc: subprocess.Popen[Any], grace: float = 10, first: signal.Signals = signal.SIGTERM
+) -> None:
+    """End proc's whole process group: the first signal, then SIGKILL after grace seconds."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, first)
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
@@ -89,3 +95,70 @@ def running(
         yield proc
     finally:
         stop(proc)
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------
+
+
+def postgres_bin() -> Path:
+    """The folder holding PostgreSQL's server programs (initdb, postgres, pg_isready)."""
+    found = shutil.which("initdb")
+    if found:  # Debian links a few of them into PATH: follow the link to the full set
+        return Path(found).resolve().parent
+    # Debian keeps them off PATH, one folder per major version; take the newest.
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=_major_version)
+    if not candidates:
+        raise RuntimeError("PostgreSQL server programs not found: apt-get install postgresql")
+    return Path(candidates[-1]).parent
+
+
+def _major_version(initdb: str) -> int:
+    version = Path(initdb).parent.parent.name
+    return int(version) if version.isdigit() else 0
+
+
+@contextlib.contextmanager
+def postgres(database: str = "mnistflow", timeout: float = 60) -> Iterator[str]:
+    """A throwaway PostgreSQL server on a free loopback port; yields its SQLAlchemy URL
+    (``postgresql+psycopg://postgres@127.0.0.1:PORT/DATABASE``, psycopg 3, no password).
+
+    The cluster lives in a new temporary folder, removed afterwards. initdb refuses to run
+    as root, so as root every PostgreSQL program runs as the ``postgres`` user. Durability
+    settings are off: the data is thrown away, and tests want speed.
+    """
+    bin_dir = postgres_bin()
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="mnistflow-postgres-"))
+    if as_owner:
+        shutil.chown(folder, "postgres", "postgres")
+    data = folder / "data"
+    port = free_port()
+    server = None
+    try:
+        subprocess.run(
+            [*as_owner, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres",
+             "--auth=trust", "-E", "UTF8", "--no-sync"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True,
+        )  # fmt: skip
+        server = start(
+            [*as_owner, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port),
+             "-k", str(folder), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+             "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        address = ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
+        deadline = time.monotonic() + timeout
+        while subprocess.run([str(bin_dir / "pg_isready"), *address, "-q"]).returncode != 0:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not start on port {port}")
+            time.sleep(0.2)
+        subprocess.run(
+            [str(bin_dir / "createdb"), *address, database],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True,
+        )  # fmt: skip
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/{database}"
+    finally:
+        if server is not None:
+            # SIGINT is PostgreSQL's "fast" shutdown: it does not wait for clients to leave.
+            stop(server, first=signal.SIGINT)
+        shutil.rmtree(folder, ignore_errors=True)

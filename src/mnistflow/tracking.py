@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from importlib.metadata import version
@@ -33,6 +35,11 @@ from mnistflow.config import MnistflowError, TrackingConfig
 from mnistflow.data import DATASET_DIGEST, MnistSplits
 from mnistflow.reporting import Reporter
 
+# The experiment tag MLflow's UI reads to pick its view, and its model-training value
+# (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
 
 def resolve_tracking_uri(uri: str | None) -> str:
     """The tracking URI in force: the given one, else MLFLOW_TRACKING_URI, else MLflow's default."""
@@ -42,17 +49,13 @@ def resolve_tracking_uri(uri: str | None) -> str:
 
 
 def check_reachable(uri: str) -> None:
-    """Fail fast with one sentence when the store cannot be used, instead of minutes of retries."""
-    if uri.startswith(("http://", "https://")):
-        import requests  # a dependency of MLflow
+    """Fail fast with one sentence when the store cannot be used, instead of minutes of retries.
 
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=5)
-        except requests.RequestException as e:
-            raise MnistflowError(
-                f"Cannot reach the MLflow tracking server at {uri} ({type(e).__name__}); start it "
-                "or point --tracking-uri / MLFLOW_TRACKING_URI elsewhere."
-            ) from e
+    A tracking server passes only when it answers as MLflow's does: /health says "OK" (no
+    login needed) and /version gives a version number (a login is, on an auth server).
+    """
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
@@ -61,15 +64,64 @@ def check_reachable(uri: str) -> None:
             )
 
 
-def git_state() -> tuple[str, bool | None]:
-    """(commit, dirty) of the repository holding this code; ("unknown", None) outside git."""
-    try:
-        import git  # GitPython, a dependency of MLflow
+def _check_server(uri: str) -> None:
+    import requests  # a dependency of MLflow
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
 
-        repo = git.Repo(Path(__file__).resolve().parent, search_parent_directories=True)
-        return repo.head.commit.hexsha, repo.is_dirty(untracked_files=False)
-    except Exception:  # not a checkout, no git binary, or an empty repository
-        return "unknown", None
+    # MLflow's own request helper, so the check logs in as the client will
+    # (MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN, ~/.mlflow/credentials, TLS settings).
+    creds = get_default_host_creds(uri.rstrip("/"))
+    answers = {}
+    for endpoint in ("/health", "/version"):
+        try:
+            answers[endpoint] = http_request(
+                creds, endpoint, "GET", max_retries=0, timeout=5, raise_on_status=False
+            )
+        except (requests.RequestException, MlflowException) as e:
+            cause = e.__cause__ if isinstance(e, MlflowException) and e.__cause__ else e
+            raise MnistflowError(
+                f"Cannot reach the MLflow tracking server at {uri} ({type(cause).__name__}); "
+                "start it or point --tracking-uri / MLFLOW_TRACKING_URI elsewhere."
+            ) from e
+        if endpoint == "/health":
+            health = answers[endpoint]
+            if health.status_code != 200 or health.text.strip() != "OK":
+                raise MnistflowError(
+                    f"{uri} is not a healthy MLflow tracking server (/health answered HTTP "
+                    f"{health.status_code}); check the URI and whatever proxy is in front of it."
+                )
+    answer = answers["/version"]
+    if answer.status_code in (401, 403):
+        who = f"user {creds.username!r}" if creds.username else "no credentials"
+        raise MnistflowError(
+            f"The MLflow tracking server at {uri} refused the login ({who}, HTTP "
+            f"{answer.status_code}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "to an account on it."
+        )
+    if answer.status_code != 200 or not re.fullmatch(r"\d+\.\d+\S*", answer.text.strip()):
+        raise MnistflowError(
+            f"{uri} answers, but not as an MLflow tracking server (/version answered HTTP "
+            f"{answer.status_code}); check --tracking-uri / MLFLOW_TRACKING_URI."
+        )
+
+
+def use_store(uri: str | None, create: bool = False) -> str:
+    """Point MLflow at the store the user asked for (see resolve_tracking_uri) and check it.
+
+    create=False is for commands that read or change what training wrote: a local SQLite
+    store that does not exist yet is refused rather than created empty.
+    """
+    resolved = resolve_tracking_uri(uri)
+    check_reachable(resolved)
+    if not create and resolved.startswith("sqlite:///"):
+        path = Path(resolved.removeprefix("sqlite:///")).expanduser()
+        if not path.is_file():
+            raise MnistflowError(
+                f"There is no MLflow store at {path.resolve()}; train a model first "
+                "(mnistflow train) or point --tracking-uri / MLFLOW_TRACKING_URI at your store."
+            )
+    return resolved
 
 
 def project_run_id() -> str | None:
@@ -81,14 +133,66 @@ def project_run_id() -> str | None:
     return os.environ.get("MLFLOW_RUN_ID") or None
 
 
-def use_experiment(name: str) -> None:
-    """Make name the active experiment, unless an MLflow Project already made the run.
+def use_experiment(name: str) -> str:
+    """Make name the active experiment (created when missing), marked as model training in
+    the MLflow UI; returns its id.
 
-    The project's run lives in the experiment given to `mlflow run --experiment-name`;
-    setting another one here would make start_run refuse to resume it.
+    Under an MLflow Project the run already exists, in the experiment given to `mlflow run
+    --experiment-name`: that experiment stays active (setting another would make start_run
+    refuse to resume the run) and its id is returned.
     """
-    if project_run_id() is None:
-        mlflow.set_experiment(name)
+    uri = str(mlflow.get_tracking_uri())
+    client = MlflowClient(uri)
+    if (run_id := project_run_id()) is not None:
+        return str(client.get_run(run_id).info.experiment_id)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        experiment_id = _create_experiment(client, uri, name)
+    else:
+        experiment_id = experiment.experiment_id
+        kind = experiment.tags.get(EXPERIMENT_KIND_TAG)
+        # Without the tag, MLflow 3's UI opens an experiment in its GenAI view (traces,
+        # judges); the UI records its own guesses as "*_inferred". A kind someone chose stays.
+        if kind is None or kind.endswith("_inferred") or kind == "no_inferred_type":
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return str(experiment_id)
+
+
+def _create_experiment(client: MlflowClient, uri: str, name: str) -> str:
+    location = None
+    if uri.startswith("sqlite:///"):
+        # Beside the database: MLflow's default is ./mlruns in whatever folder the command
+        # runs in, a second store the user did not ask for when the database is elsewhere.
+        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+        location = str(folder / "mlruns" / uuid.uuid4().hex)
+    try:
+        return str(
+            client.create_experiment(
+                name,
+                artifact_location=location,
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+            )
+        )
+    except MlflowException as e:
+        # Another process created it a moment ago.
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        existing = client.get_experiment_by_name(name)
+        if existing is None:
+            raise
+        return str(existing.experiment_id)
+
+
+def git_state() -> tuple[str, bool | None]:
+    """(commit, dirty) of the repository holding this code; ("unknown", None) outside git."""
+    try:
+        import git  # GitPython, a dependency of MLflow
+
+        repo = git.Repo(Path(__file__).resolve().parent, search_parent_directories=True)
+        return repo.head.commit.hexsha, repo.is_dirty(untracked_files=False)
+    except Exception:  # not a checkout, no git binary, or an empty repository
+        return "unknown", None
 
 
 def fail_project_run(reason: str) -> None:
@@ -125,7 +229,9 @@ class TrackedRun(Reporter):
 
     def __init__(self, config: TrackingConfig) -> None:
         self.config = config
-        self.client = MlflowClient()
+        # Built in __enter__, once the requested store is known: a client built now would
+        # open (and create) the default ./mlflow.db.
+        self.client: MlflowClient
         self.tracking_uri = ""
         self.run_id = ""
         self.experiment_id = ""
@@ -134,8 +240,7 @@ class TrackedRun(Reporter):
     # -- the run's life -------------------------------------------------------------------
 
     def __enter__(self) -> TrackedRun:
-        self.tracking_uri = resolve_tracking_uri(self.config.tracking_uri)
-        check_reachable(self.tracking_uri)
+        self.tracking_uri = use_store(self.config.tracking_uri, create=True)
         self.client = MlflowClient(self.tracking_uri)
         if self.config.async_logging:
             # Let MLflow's queue merge the blocks it holds into fewer store writes (one HTTP
