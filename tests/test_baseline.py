@@ -3,18 +3,22 @@ served model goes through the same registry, promotion gate and predict path as 
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
 from mlflow.utils.autologging_utils import autologging_is_disabled
 
 from conftest import run_cli
 from mnistflow import data, registry
 from mnistflow.config import DataConfig
+from mnistflow.serving import ServeConfig, create_app
+from mnistflow.serving.model import ModelFollower
 
 EXPERIMENT = "baseline-tests"
 
@@ -147,3 +151,15 @@ def test_baseline_is_registered_and_refused_by_the_floor(registered, tmp_path: P
     )  # fmt: skip
     assert predicted.exit_code == 0, predicted.stderr
     assert len(output.read_text().splitlines()) == 51
+
+    # Served by our HTTP app like any version: the same labels as batch prediction.
+    follower = ModelFollower(f"models:/{name}/2", tracking_uri=uri)
+    follower.start()
+    app = create_app(ServeConfig(tracking_uri=uri, model_uri=f"models:/{name}/2"), follower)
+    pixels = test.images[:5, 0].numpy().tolist()
+    response = TestClient(app).post("/predict", json={"pixels": pixels})
+    assert response.status_code == 200, response.text
+    served = [p["label"] for p in response.json()["predictions"]]
+    with output.open() as f:
+        batch = [int(row["label"]) for row in csv.DictReader(f)][:5]
+    assert served == batch
