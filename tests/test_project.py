@@ -31,6 +31,9 @@ def project_store(store: str, monkeypatch: pytest.MonkeyPatch) -> str:
     venv's bin on PATH, because MLflow runs the entry point's `python` by name."""
     for key, value in tool_env(MLFLOW_TRACKING_URI=store).items():
         monkeypatch.setenv(key, value)
+    # mlflow.set_experiment() in an earlier in-process test exports its experiment's id;
+    # `mlflow run --experiment-name` refuses to run with both.
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(store)
     return store
 
