@@ -120,7 +120,7 @@ def test_baseline_is_registered_and_refused_by_the_floor(registered, tmp_path: P
     name = "baseline-gate"
     client = MlflowClient(uri)
     mlflow.set_tracking_uri(uri)
-    registry.register(runs["good"]["run_id"], name, client=client)
+    registry.register(client, runs["good"]["run_id"], name)
     registry.make_champion(client, name, "1", "test: the CNN is champion")
 
     fitted = cli(

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import mlflow
 import numpy as np
 
-from mnistflow import data, registry, reports
+from mnistflow import data, logged_models, registry, reports
 from mnistflow.config import DataConfig, MnistflowError, TrackingConfig, as_dict
 from mnistflow.pipeline import TrainSummary
 from mnistflow.tracking import TrackedRun
@@ -40,8 +39,6 @@ if TYPE_CHECKING:
 PRESET = "baseline"
 # Autolog's fitted pipeline; `model` is the served pyfunc in every mnistflow run.
 SKLEARN_MODEL_NAME = "sklearn"
-# Largest difference allowed between ONNX Runtime's and scikit-learn's probabilities.
-ONNX_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -119,38 +116,6 @@ def to_onnx(pipeline: Pipeline, path: Path) -> Path:
     onnx.checker.check_model(graph_model)
     path.write_bytes(graph_model.SerializeToString())
     return path
-
-
-def log_served_model(
-    onnx_path: Path, check_pixels: np.ndarray, expected_probabilities: np.ndarray
-) -> tuple[str, str, float]:
-    """Log the ONNX graph as the served pyfunc `model` in the active run.
-
-    Returns (model_uri, model_id, onnx_max_abs_diff). A local stand-in with the signature of
-    logged_models.log_served_model (issue 7), which replaces it once that module is on main.
-    """
-    from mnistflow import export
-
-    got = export.onnx_probabilities(onnx_path, check_pixels)
-    max_diff = float(np.abs(expected_probabilities - got).max())
-    if max_diff > ONNX_TOLERANCE or not np.array_equal(
-        expected_probabilities.argmax(1), got.argmax(1)
-    ):
-        raise MnistflowError(
-            f"The ONNX graph disagrees with the trained model (max probability difference "
-            f"{max_diff:.2g})."
-        )
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(registry.PACKAGE_DIR / "classifier_model.py"),
-        artifacts={"onnx_model": str(onnx_path)},
-        code_paths=[str(registry.PACKAGE_DIR / "pixels.py")],
-        signature=registry.PYFUNC_SIGNATURE,
-        input_example=check_pixels[:2, 0],  # (2, 28, 28): the documented request shape
-        pip_requirements=registry._pins("mlflow", "onnxruntime", "numpy", "pandas"),
-        model_config={"intra_op_threads": 1},
-    )
-    return info.model_uri, info.model_id, max_diff
 
 
 @dataclass
@@ -264,7 +229,7 @@ def baseline_run(
 
         check_pixels = test_images[:256].astype(np.float32)  # (256, 1, 28, 28) 0-255
         onnx_path = to_onnx(pipeline, out / "model.onnx")
-        model_uri, model_id, max_diff = log_served_model(
+        model_uri, model_id, max_diff = logged_models.log_served_model(
             onnx_path, check_pixels, probabilities[:256]
         )
         final["onnx_max_abs_diff"] = max_diff
@@ -296,6 +261,7 @@ def baseline_run(
         )
     if register_as:
         # After the run has ended: a version points at a finished run.
-        version = registry.register(summary.run_id, register_as, model_uri)
+        client = registry.client_for(summary.tracking_uri)
+        version = registry.register(client, summary.run_id, register_as, model_id)
         summary.registered_model, summary.registered_version = register_as, str(version.version)
     return summary
