@@ -157,9 +157,8 @@ def main() -> None:
     print(
         table(["tracking server", "train time, median (min-max)", "whole command", "spooled"], rows)
     )
-    print(
-        f"\n`mnistflow sync` of one spooled run: {cell([r['sync_seconds'] for r in results['down']])}"
-    )
+    sync_seconds = [r["sync_seconds"] for r in results["down"]]
+    print(f"\n`mnistflow sync` of one spooled run: {cell(sync_seconds)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "outage.json").write_text(json.dumps(results, indent=1))
 

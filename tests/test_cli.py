@@ -57,6 +57,7 @@ def test_unwritable_artifact_location_fails_the_run_before_training(
     assert_one_clear_error(result, 1, "Cannot write artifacts to")
     (run,) = client.search_runs([client.get_experiment_by_name("blocked").experiment_id])
     assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"].startswith("MnistflowError: Cannot write artifacts")
     assert client.get_metric_history(run.info.run_id, "train_loss") == []  # never trained
 
 

@@ -78,17 +78,23 @@ def friendly_errors(command: F | None = None, *, interrupted: str = STOPPED) -> 
             try:
                 return command(*args, **kwargs)
             except MnistflowError as e:
+                from mnistflow.tracking import fail_project_run
+
+                sentence = _refusal(e) or str(e)
+                # Under `mlflow run`, a failure before our run started still ends its run,
+                # with why.
+                fail_project_run(sentence)
                 # A tracking server's 401/403/5xx behind it says more than the wrapping sentence.
-                err.print(f"[bold red]Error:[/] {_refusal(e) or e}", soft_wrap=True)
+                err.print(f"[bold red]Error:[/] {sentence}", soft_wrap=True)
                 raise typer.Exit(1) from None
             except KeyboardInterrupt:
                 err.print(f"[yellow]Interrupted:[/] {interrupted}", soft_wrap=True)
                 raise typer.Exit(130) from None
             except Exception as e:
-                sentence = _refusal(e)
-                if sentence is None:
+                refusal = _refusal(e)
+                if refusal is None:
                     raise
-                err.print(f"[bold red]Error:[/] {sentence}", soft_wrap=True)
+                err.print(f"[bold red]Error:[/] {refusal}", soft_wrap=True)
                 raise typer.Exit(1) from None
 
         return wrapper  # type: ignore[return-value]
@@ -318,6 +324,65 @@ def train(
 
 
 @app.command()
+@friendly_errors(
+    interrupted="the baseline run, if it had started, was ended as KILLED with everything "
+    "logged so far."
+)
+def baseline(
+    seed: Seed = 0,
+    limit_train: LimitTrain = None,
+    pca_components: Annotated[
+        int, typer.Option(min=1, max=784, help="Principal components kept from the 784 pixels.")
+    ] = 50,
+    c: Annotated[
+        float, typer.Option("--c", help="Inverse regularisation strength of the regression.")
+    ] = 1.0,
+    max_iter: Annotated[int, typer.Option(min=1, help="Most solver iterations.")] = 200,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment name.")] = "mnist",
+    run_name: Annotated[
+        str | None, typer.Option(help="Run name (default: MLflow picks one).", show_default=False)
+    ] = None,
+    description: Annotated[
+        str | None, typer.Option(help="Run description shown in the MLflow UI.")
+    ] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option(help="Run tag KEY=VALUE; repeatable.", show_default=False)
+    ] = None,
+    tracking_uri: TrackingUri = None,
+    system_metrics: Annotated[
+        bool, typer.Option(help="Record CPU and memory use with MLflow's system metrics.")
+    ] = True,
+    register: Annotated[
+        bool, typer.Option(help="Register the logged model; the new version gets @challenger.")
+    ] = False,
+    model_name: ModelName = MODEL_NAME,
+    as_json: JsonOut = False,
+) -> None:
+    """Fit a scikit-learn baseline under MLflow autologging, recorded like a training run."""
+    from mnistflow.baseline import BaselineConfig, baseline_run
+
+    tracking_config = TrackingConfig(
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        run_name=run_name,
+        description=description,
+        tags=parse_tags(tag),
+        system_metrics=system_metrics,
+    )
+    err.print("Fitting the scikit-learn baseline (autologged)...")
+    summary = baseline_run(
+        DataConfig(limit_train=limit_train),
+        BaselineConfig(pca_components=pca_components, c=c, max_iter=max_iter, seed=seed),
+        tracking_config,
+        register_as=model_name if register else None,
+    )
+    print_result(summary.as_dict(), as_json, "Baseline run")
+    if not as_json:
+        err.print(f"See it in the MLflow UI: [bold]mnistflow ui[/] (run {summary.run_id}).")
+
+
+@app.command()
+@friendly_errors
 @friendly_errors(interrupted="the MLflow UI was not started.")
 def ui(
     tracking_uri: TrackingUri = None,

@@ -507,9 +507,18 @@ class Session:
                 "spool (%s), to be sent when it is back.", target, self.uri,
             )  # fmt: skip
 
-    def attach(self, spool_run_id: str) -> None:
+    def experiment_of(self, remote_run_id: str) -> str:
+        """The name of the server experiment that holds remote_run_id."""
+        run = self.remote.get_run(remote_run_id)
+        return str(self.remote.get_experiment(run.info.experiment_id).name)
+
+    def attach(self, spool_run_id: str, remote_run_id: str | None = None) -> None:
+        """Start copying spool_run_id; remote_run_id: a server run it completes (an MLflow
+        Project's), instead of one found or created by the copy."""
         spool = MlflowClient(self.uri)
         spool.set_tag(spool_run_id, TARGET, self.target)
+        if remote_run_id:
+            spool.set_tag(spool_run_id, REMOTE_RUN, remote_run_id)
         self.copier = RunCopier(spool, self.remote, spool_run_id)
         self.forwarder = Forwarder(self.copier)
         if self.server_up:

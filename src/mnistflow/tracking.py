@@ -136,11 +136,27 @@ def use_store(uri: str | None, create: bool = False) -> str:
     return resolved
 
 
+def project_run_id() -> str | None:
+    """The run an MLflow Project started for this process, if any.
+
+    `mlflow run` and `mlflow.projects.run` create the run themselves and pass its id in
+    MLFLOW_RUN_ID; mlflow.start_run() resumes that run (and removes the variable).
+    """
+    return os.environ.get("MLFLOW_RUN_ID") or None
+
+
 def use_experiment(name: str) -> str:
     """Make name the active experiment (created when missing), marked as model training in
-    the MLflow UI; returns its id."""
+    the MLflow UI; returns its id.
+
+    Under an MLflow Project the run already exists, in the experiment given to `mlflow run
+    --experiment-name`: that experiment stays active (setting another would make start_run
+    refuse to resume the run) and its id is returned.
+    """
     uri = str(mlflow.get_tracking_uri())
     client = MlflowClient(uri)
+    if (run_id := project_run_id()) is not None:
+        return str(client.get_run(run_id).info.experiment_id)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         experiment_id = create_experiment(client, uri, name)
@@ -191,6 +207,27 @@ def git_state() -> tuple[str, bool | None]:
         return "unknown", None
 
 
+def fail_project_run(reason: str) -> None:
+    """End the MLflow Project's run as FAILED with the reason, when it failed before starting.
+
+    Without this the run would only be marked FAILED by the `mlflow run` parent, with no
+    word of why.
+    """
+    run_id = project_run_id()
+    if run_id is None:
+        return
+    try:
+        client = MlflowClient()
+        client.set_tag(run_id, FAILURE_TAG, reason[:5000])
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+    except MlflowException:
+        pass  # the store itself is what failed; the parent still marks the run FAILED
+
+
+# Why a run ended FAILED, in one sentence (the exception's message).
+FAILURE_TAG = "failure_reason"
+
+
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, Mapping):
         for key, inner in value.items():
@@ -218,9 +255,16 @@ class TrackedRun(Reporter):
         self.tracking_uri = resolve_tracking_uri(self.config.tracking_uri)
         self.spooled: spool.Session | None = None
         self.sync_result: spool.SyncResult | None = None
+        experiment = self.config.experiment
+        project_run = None
         if spool.is_remote(self.tracking_uri):
             # Training writes only to the local spool; the server gets a copy (spool.py).
             self.spooled = spool.Session(self.tracking_uri, self.config.require_server)
+            # The run an MLflow Project started on the server is the one the copy completes;
+            # the spool's run is a new one in the spool store.
+            project_run = os.environ.pop("MLFLOW_RUN_ID", None)
+            if project_run and self.spooled.server_up:
+                experiment = self.spooled.experiment_of(project_run)
             mlflow.set_tracking_uri(self.spooled.uri)
             self.client = MlflowClient(self.spooled.uri)
         else:
@@ -235,7 +279,8 @@ class TrackedRun(Reporter):
             mlflow.set_system_metrics_sampling_interval(self.config.system_metrics_interval)
             mlflow.set_system_metrics_samples_before_logging(1)
         try:
-            self.experiment_id = use_experiment(self.config.experiment)
+            # Under an MLflow Project the project's run and experiment win over ours.
+            use_experiment(experiment)
             run = mlflow.start_run(
                 run_name=self.config.run_name,
                 description=self.config.description,
@@ -246,9 +291,10 @@ class TrackedRun(Reporter):
                 f"MLflow refused to start a run in experiment {self.config.experiment!r} at "
                 f"{self.tracking_uri}: {e.message}"
             ) from e
+        self.experiment_id = run.info.experiment_id
         self.run_id = run.info.run_id
         if self.spooled:
-            self.spooled.attach(self.run_id)
+            self.spooled.attach(self.run_id, remote_run_id=project_run)
         return self
 
     def __exit__(
@@ -263,6 +309,11 @@ class TrackedRun(Reporter):
             status = RunStatus.KILLED
         else:
             status = RunStatus.FAILED
+        try:
+            if status == RunStatus.FAILED and exc is not None:
+                mlflow.set_tag(FAILURE_TAG, f"{type(exc).__name__}: {exc}"[:5000])
+        except MlflowException:
+            pass  # the store is what failed: ending the run below is all that is left
         try:
             # Every queued metric is written before the run is marked ended.
             mlflow.flush_async_logging()

@@ -1,0 +1,267 @@
+"""A scikit-learn baseline on the raw pixels, trained with mlflow.sklearn.autolog() active.
+
+The pipeline is min-max scaling, PCA to 50 components and a multinomial logistic
+regression: the classic linear baseline for MNIST. It fits in seconds on a CPU (no GPU,
+no epochs to tune), reaches about 91% on the test set, and converts to a small ONNX graph,
+so it is served by the same pyfunc as the CNN. A baseline that is fast and honest about
+what a linear model does is what shows the CNN earns its keep.
+
+One MLflow run (opened by TrackedRun, which autolog logs into) holds:
+  autolog's own records  the estimator's params, its training_* metrics, the fitted pipeline
+                         as the model `sklearn`, its plots, its training dataset;
+  ours                   val/test metrics under the CNN runs' names, tags, description,
+                         the three dataset splits, the reports, and the served `model`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mnistflow import data, logged_models, registry, reports
+from mnistflow.config import DataConfig, MnistflowError, TrackingConfig, as_dict
+from mnistflow.pipeline import TrainSummary
+from mnistflow.tracking import TrackedRun
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
+
+PRESET = "baseline"
+# Autolog's fitted pipeline; `model` is the served pyfunc in every mnistflow run.
+SKLEARN_MODEL_NAME = "sklearn"
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """Everything that decides the fitted baseline."""
+
+    pca_components: int = 50
+    # Inverse regularisation strength of the logistic regression (scikit-learn's default).
+    c: float = 1.0
+    max_iter: int = 200
+    seed: int = 0  # PCA's randomised SVD
+
+    def validate(self) -> None:
+        if not 1 <= self.pca_components <= 784:
+            raise MnistflowError(
+                f"pca_components must be between 1 and 784, got {self.pca_components}."
+            )
+        if not self.c > 0:
+            raise MnistflowError(f"c must be positive, got {self.c}.")
+        if self.max_iter < 1:
+            raise MnistflowError(f"max_iter must be at least 1, got {self.max_iter}.")
+
+
+def build_pipeline(config: BaselineConfig) -> Pipeline:
+    """Pixels (N, 784) 0-255 -> min-max scaled -> PCA -> logistic regression."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import MinMaxScaler
+
+    return Pipeline(
+        [
+            ("scale", MinMaxScaler()),
+            ("pca", PCA(n_components=config.pca_components, random_state=config.seed)),
+            ("classify", LogisticRegression(C=config.c, max_iter=config.max_iter)),
+        ]
+    )
+
+
+def flat(images: np.ndarray) -> np.ndarray:
+    """(N, 1, 28, 28) uint8 -> (N, 784) float32, the pixels as the pipeline takes them."""
+    return images.reshape(len(images), 784).astype(np.float32)
+
+
+def to_onnx(pipeline: Pipeline, path: Path) -> Path:
+    """Write the fitted pipeline as ONNX with the served contract.
+
+    Input `pixels` float32 (N, 1, 28, 28) 0-255, output `probabilities` (N, 10): a Reshape
+    node in front of skl2onnx's graph, and its label output dropped (the pyfunc takes the
+    first output and derives the label itself).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.linear_model import LogisticRegression
+
+    graph_model = convert_sklearn(
+        pipeline,
+        initial_types=[("flat_pixels", FloatTensorType([None, 784]))],
+        # Probabilities as a plain (N, 10) tensor, not ZipMap's list of {class: p} maps.
+        options={LogisticRegression: {"zipmap": False}},
+    )
+    graph = graph_model.graph
+    graph.initializer.append(numpy_helper.from_array(np.array([-1, 784], np.int64), "flat_shape"))
+    # (N, 1, 28, 28) -> (N, 784)
+    graph.node.insert(0, helper.make_node("Reshape", ["pixels", "flat_shape"], ["flat_pixels"]))
+    del graph.input[:]
+    graph.input.append(helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 1, 28, 28]))
+    outputs = [o for o in graph.output if o.name == "probabilities"]
+    if not outputs:
+        raise MnistflowError("skl2onnx produced no 'probabilities' output for the baseline.")
+    del graph.output[:]
+    graph.output.extend(outputs)
+    onnx.checker.check_model(graph_model)
+    path.write_bytes(graph_model.SerializeToString())
+    return path
+
+
+@dataclass
+class AutologTimer:
+    """When autolog began logging the fitted model, i.e. when fitting itself ended."""
+
+    fitted_at: float | None = None
+
+
+@contextlib.contextmanager
+def sklearn_autolog(model_name: str = SKLEARN_MODEL_NAME) -> Iterator[AutologTimer]:
+    """mlflow.sklearn.autolog() for the duration of the block, its model logged as model_name.
+
+    Autolog logs into the active run (it opens its own only when none is active). Post-
+    training metrics are off: our test metrics carry the CNN runs' names instead.
+    """
+    # The module itself (mlflow.sklearn is a lazy loader to type checkers).
+    flavor: Any = importlib.import_module("mlflow.sklearn")
+    timer = AutologTimer()
+    original = flavor.log_model
+
+    def log_model(*args: Any, **kwargs: Any) -> Any:
+        # MLflow 3.17's sklearn autolog hard-codes name="model" and has no option for it;
+        # that name is the served pyfunc's in every run (registry looks the model up by it).
+        if timer.fitted_at is None:
+            timer.fitted_at = time.perf_counter()
+        if kwargs.get("name") == "model":
+            kwargs["name"] = model_name
+        return original(*args, **kwargs)
+
+    flavor.autolog(log_post_training_metrics=False, silent=True)
+    # Autolog calls log_model through the module's globals, so this wrapper is what runs.
+    flavor.log_model = log_model
+    try:
+        yield timer
+    finally:
+        flavor.log_model = original
+        # Off again: nothing fitted later in this process (e.g. promotion's metrics) is logged.
+        flavor.autolog(disable=True)
+
+
+def baseline_run(
+    data_config: DataConfig,
+    baseline_config: BaselineConfig,
+    tracking_config: TrackingConfig,
+    register_as: str | None = None,
+) -> TrainSummary:
+    """Fit the baseline under autolog and record it as one MLflow run, like a CNN run.
+
+    register_as: then register the served model under this name (it becomes @challenger).
+    """
+    from sklearn.metrics import accuracy_score, log_loss
+
+    baseline_config.validate()
+    started = time.perf_counter()
+    splits = data.load(data_config)
+    resolved = {
+        "train": {"preset": PRESET, "trainer": "scikit-learn", **as_dict(baseline_config)},
+        "data": {
+            **as_dict(data_config),
+            "source": splits.source,
+            "train_size": len(splits.train),
+            "val_size": len(splits.val),
+            "test_size": len(splits.test),
+        },
+        "tracking": as_dict(tracking_config),
+    }
+    description = tracking_config.description or (
+        "scikit-learn baseline (min-max scaling, PCA, logistic regression) under "
+        "mlflow.sklearn.autolog()."
+    )
+    tracking_config = dataclasses.replace(tracking_config, description=description)
+    x_train, y_train = flat(splits.train.images.numpy()), splits.train.labels.numpy()
+    pipeline = build_pipeline(baseline_config)
+
+    with (
+        tempfile.TemporaryDirectory(prefix="mnistflow-") as tmp,
+        TrackedRun(tracking_config) as run,
+    ):
+        out = Path(tmp)
+        config_file = out / "config.json"
+        config_file.write_text(json.dumps(resolved, indent=2, default=str))
+        run.log_config(resolved, config_file)
+        run.set_tags(PRESET, "cpu", {"trainer": "scikit-learn", **tracking_config.tags})
+        run.log_datasets(splits)
+
+        fit_started = time.perf_counter()
+        with sklearn_autolog() as timer:
+            pipeline.fit(x_train, y_train)
+        fit_ended = time.perf_counter()
+        train_seconds = (timer.fitted_at or fit_ended) - fit_started
+
+        val_probabilities = pipeline.predict_proba(flat(splits.val.images.numpy()))
+        val_labels = splits.val.labels.numpy()
+        test_images = splits.test.images.numpy()
+        labels = splits.test.labels.numpy()
+        probabilities = pipeline.predict_proba(flat(test_images))  # (N, 10) float64
+        predictions = probabilities.argmax(1)
+        per_class = reports.per_class(labels, predictions)
+        test_accuracy = float(accuracy_score(labels, predictions))
+        final = {
+            "val_accuracy": float(accuracy_score(val_labels, val_probabilities.argmax(1))),
+            "val_loss": float(log_loss(val_labels, val_probabilities, labels=reports.DIGITS)),
+            "test_loss": float(log_loss(labels, probabilities, labels=reports.DIGITS)),
+            "test_macro_f1": per_class["macro avg"]["f1-score"],
+            **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
+            "train_seconds": train_seconds,
+            # What autolog spent after fitting: the model, training metrics and plots.
+            "autolog_seconds": fit_ended - fit_started - train_seconds,
+        }
+
+        check_pixels = test_images[:256].astype(np.float32)  # (256, 1, 28, 28) 0-255
+        onnx_path = to_onnx(pipeline, out / "model.onnx")
+        model_uri, model_id, max_diff = logged_models.log_served_model(
+            onnx_path, check_pixels, probabilities[:256]
+        )
+        final["onnx_max_abs_diff"] = max_diff
+        run.log_results(test_accuracy, final, model_id)
+
+        report_dir = out / "reports"
+        report_dir.mkdir()
+        reports.write_per_class(per_class, report_dir)
+        reports.confusion_matrix_png(labels, predictions, report_dir / "confusion_matrix.png")
+        reports.misclassified_png(
+            test_images, labels, predictions, probabilities, report_dir / "misclassified.png"
+        )
+        run.log_folder(report_dir, "reports")
+
+        total = time.perf_counter() - started
+        run.log_metrics({"total_seconds": total})
+        summary = TrainSummary(
+            run_id=run.run_id,
+            experiment_id=run.experiment_id,
+            tracking_uri=run.tracking_uri,
+            artifact_uri=run.artifact_uri,
+            preset=PRESET,
+            device="cpu",
+            test_accuracy=test_accuracy,
+            test_macro_f1=final["test_macro_f1"],
+            train_seconds=train_seconds,
+            total_seconds=total,
+            model_uri=model_uri,
+        )
+    if register_as:
+        # After the run has ended: a version points at a finished run.
+        client = registry.client_for(summary.tracking_uri)
+        version = registry.register(client, summary.run_id, register_as, model_id)
+        summary.registered_model, summary.registered_version = register_as, str(version.version)
+    return summary
