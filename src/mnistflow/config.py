@@ -130,6 +130,11 @@ class TrackingConfig:
     system_metrics: bool = True
     # Seconds between system-metric samples; MLflow's default of 10 s would miss short runs.
     system_metrics_interval: float = 1.0
+    # Nest the run under this one (a sweep's trials): by id, since the parent may be active
+    # in another process.
+    parent_run_id: str | None = None
+    # Reopen this existing run instead of starting a new one (a sweep's best trial).
+    resume_run_id: str | None = None
 
 
 def as_dict(config: Any) -> dict[str, Any]:
