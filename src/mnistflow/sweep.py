@@ -24,6 +24,7 @@ import math
 import multiprocessing
 import os
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -526,7 +527,13 @@ def _objective(trial: optuna.Trial, job: WorkerJob, splits: MnistSplits) -> floa
         **{k: v for k, v in params.items() if k != "width"},
     )
     width = params.get("width", 16 if train_config.arch == "fast" else None)
-    tags = {**job.tracking.tags, "sweep_study": job.study, "trial_number": str(trial.number)}
+    tags = {
+        **job.tracking.tags,
+        "sweep_study": job.study,
+        "trial_number": str(trial.number),
+        # Which worker ran it (host and process), as several share one study.
+        "sweep_worker": f"{socket.gethostname()}:{os.getpid()}",
+    }
     tracking = dataclasses.replace(
         job.tracking, run_name=f"{job.study}-trial-{trial.number:03d}", tags=tags
     )
