@@ -580,10 +580,10 @@ def sweep(
 ) -> None:
     """Search hyperparameters with Optuna: one parent run, a child run per trial, pruning.
 
-    The best trial is chosen on validation accuracy only; its model alone is evaluated on
-    the test set and logged (and with --register becomes @challenger). Options that define
-    the study (--preset, --epochs, --limit-train, --space, --pruner) are stored with it:
-    commands that join an existing study may leave them out.
+    The best trial is chosen on validation accuracy; only its model is tested and logged.
+
+    --preset, --epochs, --limit-train, --space and --pruner are stored with a new study;
+    commands that join it may leave them out.
     """
     from mnistflow import sweep as sweeps
 
