@@ -27,9 +27,10 @@ run: setup
 test: setup browser
 	$(BIN)/python -m pytest
 
-## The fast ones only, for the edit-test loop.
+## The fast ones only, for the edit-test loop: no full-MNIST runs, no server processes,
+## no browser.
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not server and not browser"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
@@ -57,4 +58,4 @@ wrk:
 	  else echo "The serving benchmark needs wrk: sudo apt-get install wrk"; exit 1; fi; }
 
 clean:
-	rm -rf $(VENV) mlruns mlartifacts mlflow.db sample-digits test-artifacts benchmarks/results
+	rm -rf $(VENV) mlruns mlartifacts mlflow.db sample-digits benchmarks/results

@@ -3,11 +3,8 @@ free loopback ports, and the CLI run in-process or as a child that is always rea
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,8 +17,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from mnistflow import registry
+from mnistflow import registry, servers
 from mnistflow.cli import app
+from mnistflow.servers import free_port as free_port
+from mnistflow.servers import wait_until_up as wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("MNISTFLOW_MNIST_MIRROR") or ROOT.parent / "shared" / "mnist")
@@ -62,12 +61,6 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class CliResult:
     exit_code: int
@@ -98,28 +91,14 @@ def spawn() -> Iterator:
     def start(args: list[str], **kwargs) -> subprocess.Popen[str]:
         kwargs.setdefault("stdout", subprocess.PIPE)
         kwargs.setdefault("stderr", subprocess.PIPE)
-        proc = subprocess.Popen(args, start_new_session=True, text=True, **kwargs)
+        proc = servers.start(args, text=True, **kwargs)
         children.append(proc)
         return proc
 
     yield start
+    # Each child with everything it started (e.g. mlflow's huey consumers).
     for proc in children:
-        reap(proc)
-
-
-def reap(proc: subprocess.Popen[str]) -> None:
-    """End a spawned child and everything it started (e.g. mlflow's huey consumers)."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    # The helpers may outlive the leader for a moment; the group id still reaches them.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+        servers.stop(proc)
 
 
 def tool_env(**extra: str) -> dict[str, str]:

@@ -1,24 +1,26 @@
 """The draw-a-digit page in a real headless Chromium (Debian's, driven by Playwright) against
 a real `mnistflow serve`: draw with the mouse and with touch, clear, upload, API key.
 
-Screenshots are kept in test-artifacts/ (page.png, page-phone.png).
+Screenshots (page.png, page-phone.png) go to $MNISTFLOW_TEST_ARTIFACTS when it is set (CI keeps
+them), else to pytest's temporary folder: never into the working tree.
 """
 
 from __future__ import annotations
 
 import io
 import itertools
+import os
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image, ImageDraw
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from conftest import MNISTFLOW, ROOT, free_port
+from conftest import MNISTFLOW, free_port, wait_until_up
+
+pytestmark = [pytest.mark.browser, pytest.mark.server]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -31,7 +33,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ARTIFACTS = ROOT / "test-artifacts"
 API_KEY = "page-test-key"
 DIGIT = re.compile(r"^\d$")
 NO_LABEL = "\N{EN DASH}"  # what the page shows before a prediction
@@ -51,25 +52,29 @@ def server(tracking_uri: str, spawn) -> str:
     args = ["serve", "--port", str(port), "--tracking-uri", tracking_uri, "--api-key", API_KEY]
     proc = spawn([*MNISTFLOW, *args])
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mnistflow serve exited with {proc.returncode}: {proc.stderr.read()}")
-        try:
-            if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
-                return base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail("mnistflow serve was not ready within 60 s")
+    try:
+        wait_until_up(f"{base}/ready", proc, timeout=90)
+    except RuntimeError as e:
+        pytest.fail(f"mnistflow serve did not get ready: {e}")
+    return base
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    kept = os.environ.get("MNISTFLOW_TEST_ARTIFACTS")
+    folder = Path(kept) if kept else tmp_path_factory.mktemp("screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
         pytest.fail(
-            f"Debian's Chromium is needed at {CHROMIUM} for the page test: "
-            "apt-get install -y chromium"
+            f"The page test drives Debian's Chromium at {CHROMIUM}, which is not installed: "
+            "run `make browser` (or `apt-get install -y chromium`), or deselect these tests "
+            "with -m 'not browser'.",
+            pytrace=False,
         )
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -138,8 +143,7 @@ def digit_png() -> bytes:
     return buffer.getvalue()
 
 
-def test_draw_a_digit_see_the_prediction(server: str, browser: Browser):
-    ARTIFACTS.mkdir(exist_ok=True)
+def test_draw_a_digit_see_the_prediction(server: str, browser: Browser, screenshots: Path):
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     page.goto(server)
     expect(page.locator("#model")).to_have_text("mnist v1")
@@ -161,7 +165,7 @@ def test_draw_a_digit_see_the_prediction(server: str, browser: Browser):
     assert_prediction_shown(page)
     expect(page.locator("#status")).to_have_text("")
     page.wait_for_timeout(300)  # let the bars finish their transition for the picture
-    page.screenshot(path=ARTIFACTS / "page.png", full_page=True)
+    page.screenshot(path=screenshots / "page.png", full_page=True)
 
     page.click("#clear")
     expect(page.locator("#label")).to_have_text(NO_LABEL)
@@ -174,8 +178,7 @@ def test_draw_a_digit_see_the_prediction(server: str, browser: Browser):
     page.close()
 
 
-def test_phone_width_and_touch_drawing(server: str, browser: Browser):
-    ARTIFACTS.mkdir(exist_ok=True)
+def test_phone_width_and_touch_drawing(server: str, browser: Browser, screenshots: Path):
     context = browser.new_context(
         viewport={"width": 375, "height": 740}, has_touch=True, is_mobile=True
     )
@@ -193,5 +196,5 @@ def test_phone_width_and_touch_drawing(server: str, browser: Browser):
     draw_with_touch(page, SEVEN)
     assert_prediction_shown(page)
     page.wait_for_timeout(300)
-    page.screenshot(path=ARTIFACTS / "page-phone.png", full_page=True)
+    page.screenshot(path=screenshots / "page-phone.png", full_page=True)
     context.close()

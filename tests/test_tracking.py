@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import dataclasses
 import json
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
@@ -11,7 +16,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_ARGS, run_cli
+from mnistflow.config import MnistflowError, TrainConfig
 from mnistflow.data import DATASET_DIGEST
+from mnistflow.tracking import (
+    EXPERIMENT_KIND_TAG,
+    MODEL_TRAINING_KIND,
+    check_reachable,
+    use_experiment,
+)
 
 STEPS_PER_EPOCH = -(-2000 // 128)
 
@@ -34,11 +46,22 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MlflowCl
 
 
 def test_json_line_has_the_promised_fields(tracked):
-    _, summary = tracked
-    for key in ("run_id", "experiment_id", "tracking_uri", "test_accuracy"):
-        assert summary[key]
-    assert 0 < summary["train_seconds"] < summary["total_seconds"]
-    assert summary["tracking_uri"].startswith("sqlite:///")
+    client, summary = tracked
+    run = client.get_run(summary["run_id"])
+    assert summary["experiment_id"] == run.info.experiment_id
+    assert summary["tracking_uri"] == client.tracking_uri
+    assert summary["artifact_uri"] == run.info.artifact_uri
+    assert summary["model_uri"].startswith("models:/m-")
+    assert summary["preset"] == "fast" and summary["device"] == "cpu"
+    assert summary["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+    assert summary["test_macro_f1"] == pytest.approx(run.data.metrics["test_macro_f1"])
+    # train_seconds: the epochs' loops, as logged per epoch; total_seconds: the whole command,
+    # which also loads data, evaluates, exports and logs the models.
+    epochs = client.get_metric_history(summary["run_id"], "epoch_seconds")
+    assert summary["train_seconds"] == pytest.approx(sum(m.value for m in epochs))
+    assert summary["total_seconds"] == pytest.approx(run.data.metrics["total_seconds"])
+    assert summary["train_seconds"] < summary["total_seconds"]
+    assert summary["registered_model"] is None and summary["registered_version"] is None
 
 
 def test_run_has_name_description_status(tracked):
@@ -47,7 +70,14 @@ def test_run_has_name_description_status(tracked):
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "smoke"
     assert run.data.tags["mlflow.note.content"] == "A **small** run for the tests."
-    assert client.get_experiment(run.info.experiment_id).name == "tests"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "tests"
+    # The MLflow UI opens it in its model-training view, not the GenAI one.
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # Artifacts beside the database, never in whatever folder the command ran in.
+    assert Path(run.info.artifact_uri).is_relative_to(
+        Path(client.tracking_uri.removeprefix("sqlite:///")).parent / "mlruns"
+    )
 
 
 def test_params_hold_the_resolved_config(tracked):
@@ -63,6 +93,14 @@ def test_params_hold_the_resolved_config(tracked):
     assert params["data.val_size"] == "5000"
     assert params["data.test_size"] == "10000"
     assert params["data.limit_train"] == "2000"
+    # Every field that decides the weights is a param, the schedule's and augmentation's too.
+    assert {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)} - {"train.preset"} <= set(
+        params
+    )
+    assert params["train.warmup"] == "0.25"
+    assert params["train.augment_degrees"] == "10.0"
+    assert params["train.augment_scale"] == "0.1"
+    assert params["train.augment_shift"] == "2.5"
 
 
 def test_tags_say_how_the_run_was_made(tracked):
@@ -89,7 +127,10 @@ def test_step_and_epoch_metric_histories(tracked):
     for key in ("epoch_train_loss", "epoch_train_accuracy", "val_loss", "val_accuracy"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
     metrics = client.get_run(run_id).data.metrics
-    assert metrics["epoch_seconds"] > 0 and metrics["images_per_second"] > 0
+    seconds = client.get_metric_history(run_id, "epoch_seconds")
+    speeds = client.get_metric_history(run_id, "images_per_second")
+    for s, v in zip(seconds, speeds, strict=True):
+        assert v.value == pytest.approx(2000 / s.value)
     assert metrics["test_accuracy"] == pytest.approx(summary["test_accuracy"])
     assert 0.8 < metrics["test_macro_f1"] <= 1
     assert all(0 <= metrics[f"test_accuracy_digit_{d}"] <= 1 for d in range(10))
@@ -120,7 +161,8 @@ def test_every_artifact_is_there(tracked, tmp_path: Path):
     } <= names
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp_path)))
     config = json.loads((local / "config.json").read_text())
-    assert config["train"]["preset"] == "fast" and config["data"]["train_size"] == 2000
+    assert config["train"] == {**dataclasses.asdict(TrainConfig()), "device": "cpu"}
+    assert config["data"]["train_size"] == 2000
     per_class = json.loads((local / "reports" / "per_class.json").read_text())
     assert sum(per_class[str(d)]["support"] for d in range(10)) == 10000
     assert (local / "reports" / "per_class.csv").read_text().startswith("digit,precision")
@@ -147,3 +189,113 @@ def test_sync_and_async_logging_lose_nothing(mode: str, store: str, cli):
     client = MlflowClient(store)
     history = client.get_metric_history(result.json()["run_id"], "train_loss")
     assert [m.step for m in history] == list(range(2 * STEPS_PER_EPOCH))
+
+
+def test_use_experiment_marks_old_experiments_and_keeps_a_chosen_kind(store: str):
+    mlflow.set_tracking_uri(store)
+    client = MlflowClient(store)
+    untagged = client.create_experiment("made-by-mnistflow-0.1")
+    guessed = client.create_experiment(
+        "guessed", tags={EXPERIMENT_KIND_TAG: "genai_development_inferred"}
+    )
+    chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    assert use_experiment("made-by-mnistflow-0.1") == untagged
+    assert use_experiment("guessed") == guessed
+    assert use_experiment("chosen") == chosen
+    new = use_experiment("new")
+    assert mlflow.get_experiment_by_name("new").experiment_id == new  # and it is active
+    assert mlflow.active_run() is None
+    kinds = {
+        e: client.get_experiment(e).tags[EXPERIMENT_KIND_TAG]
+        for e in (untagged, guessed, chosen, new)
+    }
+    assert kinds == {
+        untagged: MODEL_TRAINING_KIND,
+        guessed: MODEL_TRAINING_KIND,
+        chosen: "genai_development",
+        new: MODEL_TRAINING_KIND,
+    }
+
+
+# -- is the tracking server an MLflow server? ------------------------------------------------
+
+
+@contextlib.contextmanager
+def fake_server(answers: dict[str, tuple[int, str]]) -> Iterator[tuple[str, list[dict]]]:
+    """A loopback HTTP server answering GET path with (status, body); "*" for other paths.
+    Yields its URL and the headers of every request it got."""
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append({"path": self.path, **dict(self.headers)})
+            status, body = answers.get(self.path, answers.get("*", (404, "not found")))
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+MLFLOW_LIKE = {"/health": (200, "OK"), "/version": (200, "3.17.2")}
+
+
+@pytest.mark.parametrize(
+    ("answers", "words"),
+    [
+        ({"*": (502, "Bad Gateway")}, "is not a healthy MLflow tracking server (/health answered "
+         "HTTP 502)"),
+        ({"*": (200, "<html>a web page</html>")}, "is not a healthy MLflow tracking server"),
+        ({"*": (200, "OK")}, "answers, but not as an MLflow tracking server (/version answered "
+         "HTTP 200)"),
+        ({"/health": (200, "OK")}, "not as an MLflow tracking server (/version answered HTTP 404)"),
+        ({"/health": (200, "OK"), "/version": (401, "")}, "refused the login (no credentials, "
+         "HTTP 401); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
+    ],
+)  # fmt: skip
+def test_only_an_mlflow_server_passes_the_check(answers, words: str, monkeypatch):
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    with fake_server(answers) as (url, _), pytest.raises(MnistflowError) as refused:
+        check_reachable(url)
+    message = " ".join(str(refused.value).split())
+    assert words in message and message.startswith((url, "The MLflow tracking server"))
+
+
+def test_an_mlflow_server_passes_and_gets_the_users_login(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
+    with fake_server(MLFLOW_LIKE) as (url, seen):
+        check_reachable(url)
+        check_reachable(url + "/")
+    login = "Basic " + base64.b64encode(b"alice:secret").decode()
+    assert [r["path"] for r in seen] == ["/health", "/version"] * 2
+    assert all(r["Authorization"] == login for r in seen)
+    with (
+        fake_server({"/health": (200, "OK"), "/version": (401, "")}) as (url, _),
+        pytest.raises(MnistflowError, match="refused the login \\(user 'alice', HTTP 401\\)"),
+    ):
+        check_reachable(url)
+
+
+def test_train_against_a_proxy_that_answers_502_starts_nothing(store: str, tmp_path: Path):
+    with fake_server({"*": (502, "Bad Gateway")}) as (url, seen):
+        result = run_cli("train", *FAST_ARGS, "--tracking-uri", url)
+    assert result.exit_code == 1
+    assert "is not a healthy MLflow tracking server" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+    assert [r["path"] for r in seen] == ["/health"]  # nothing logged, no run started
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # and no store made here

@@ -10,7 +10,7 @@ import torch
 
 from conftest import MIRROR
 from mnistflow import data, models
-from mnistflow.config import DataConfig, MnistflowError, preset_config
+from mnistflow.config import DataConfig, MnistflowError, TrainConfig, preset_config, validate
 from mnistflow.reporting import Reporter
 from mnistflow.train import augment, evaluate, fit
 
@@ -62,7 +62,11 @@ def test_fast_preset_learns_and_reports_every_step_in_order(small: data.MnistSpl
     assert [e for e, _ in recorder.epochs] == [1, 2]
     assert recorder.epochs[-1][1]["val_accuracy"] > 0.85
     assert evaluate(result.model, small.test).accuracy > 0.85
-    assert result.train_seconds > 0
+    # train_seconds is the epochs' training loops, each timed and reported on its own.
+    seconds = [m["epoch_seconds"] for _, m in recorder.epochs]
+    assert result.train_seconds == pytest.approx(sum(seconds))
+    for _, m in recorder.epochs:
+        assert m["images_per_second"] == pytest.approx(2000 / m["epoch_seconds"])
 
 
 def test_same_seed_gives_the_same_model_on_cpu(small: data.MnistSplits):
@@ -85,14 +89,57 @@ def test_every_network_maps_raw_pixels_to_ten_logits(arch: str):
     assert net(pixels).shape == (3, 10)
 
 
-def test_augment_keeps_shape_and_moves_pixels():
-    images = torch.zeros(8, 1, 28, 28)
+def ink_centres(images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 28, 28) -> (B, 2): each image's centre of ink mass (row, column) in pixels."""
+    grid = torch.arange(28, dtype=torch.float32)
+    mass = images[:, 0].sum((1, 2))
+    rows = (images[:, 0].sum(2) * grid).sum(1) / mass
+    cols = (images[:, 0].sum(1) * grid).sum(1) / mass
+    return torch.stack([rows, cols], 1)
+
+
+def test_augment_draws_within_the_configured_ranges():
+    images = torch.zeros(64, 1, 28, 28)
     images[:, :, 10:18, 12:16] = 255
-    moved = augment(images, torch.Generator().manual_seed(0))
-    assert moved.shape == images.shape
-    assert not torch.allclose(moved, images)
+    generator = torch.Generator().manual_seed(0)
+    still = TrainConfig(augment_degrees=0, augment_scale=0, augment_shift=0)
+    assert torch.allclose(augment(images, generator, still), images, atol=1e-3)
+
+    for shift in (1.0, 4.0):
+        only_shift = dataclasses.replace(still, augment_shift=shift)
+        moved = augment(images, torch.Generator().manual_seed(0), only_shift)
+        offsets = (ink_centres(moved) - ink_centres(images)).abs()
+        assert offsets.max() <= shift + 0.05  # never beyond the range...
+        assert offsets.max() > 0.8 * shift  # ...and it is used
+
+    default = augment(images, torch.Generator().manual_seed(0), TrainConfig())
+    assert default.shape == images.shape and not torch.allclose(default, images)
     # Small transforms keep the ink mostly on the canvas.
-    assert moved.sum().item() == pytest.approx(images.sum().item(), rel=0.3)
+    assert default.sum().item() == pytest.approx(images.sum().item(), rel=0.3)
+
+
+def test_warmup_places_the_learning_rate_peak(small: data.MnistSplits):
+    for warmup in (0.1, 0.5):
+        recorder = Recorder()
+        config = preset_config("fast", epochs=1, device="cpu", warmup=warmup)
+        fit(config, small.train, small.val, recorder)
+        total = len(recorder.lrs)  # 16 steps
+        peak = recorder.lrs.index(max(recorder.lrs))
+        assert abs(peak - (warmup * total - 1)) <= 1, (warmup, peak)
+        assert recorder.lrs[0] == pytest.approx(config.lr / config.start_lr_divisor)
+
+
+def test_a_run_too_short_for_a_warm_up_still_trains(small: data.MnistSplits):
+    """500 images, 1 epoch: 4 steps, one of them warm-up, made OneCycleLR divide by zero."""
+    few = data.Split("train", small.train.images[:500], small.train.labels[:500], "first-500")
+    recorder = Recorder()
+    config = preset_config("fast", epochs=1, device="cpu")
+    result = fit(config, few, small.val, recorder)
+    assert recorder.steps == [0, 1, 2, 3]
+    # No room to warm up: it only anneals, never above the peak.
+    assert all(a >= b for a, b in zip(recorder.lrs, recorder.lrs[1:], strict=False))
+    assert max(recorder.lrs) <= config.lr
+    assert len(result.history) == 1
 
 
 def test_presets_and_impossible_values_are_refused_by_name():
@@ -106,3 +153,52 @@ def test_presets_and_impossible_values_are_refused_by_name():
         preset_config("fast", lr=0.0)
     assert preset_config("classic").optimizer == "adadelta"
     assert preset_config("fast", epochs=None).epochs == preset_config("fast").epochs
+
+
+# One unusable value per field, and the words the refusal must use. A new field must be
+# added here, so that validate() cannot miss it.
+UNUSABLE = {
+    "preset": ("", "preset must be a name"),
+    "arch": ("resnet", "arch must be one of fast, classic, quality, got 'resnet'"),
+    "epochs": (0, "epochs must be at least 1"),
+    "batch_size": (2.5, "batch size must be at least 1"),
+    "optimizer": ("sgd", "optimizer must be one of adam, adadelta, got 'sgd'"),
+    "lr": (float("nan"), "learning rate must be positive"),
+    "schedule": ("cosine", "schedule must be one of onecycle, step, got 'cosine'"),
+    "warmup": (1.0, "warmup must be between 0 and 1"),
+    "start_lr_divisor": (0.5, "start_lr_divisor must be at least 1"),
+    "end_lr_divisor": (10.0, "end_lr_divisor must be at least start_lr_divisor"),
+    "min_momentum": (1.0, "min_momentum must be in [0, 1)"),
+    "max_momentum": (0.5, "max_momentum must be in [min_momentum, 1)"),
+    "lr_gamma": (0.0, "lr_gamma must be in (0, 1]"),
+    "weight_decay": (-1e-4, "weight_decay must be at least 0"),
+    "label_smoothing": (1.0, "label_smoothing must be in [0, 1)"),
+    "augment": ("yes", "augment must be true or false"),
+    "augment_degrees": (200.0, "augment_degrees must be in [0, 180]"),
+    "augment_scale": (1.0, "augment_scale must be in [0, 1)"),
+    "augment_shift": (-1.0, "augment_shift must be in [0, 14] pixels"),
+    "seed": (-1, "seed must be a whole number >= 0"),
+    "device": ("tpu", "device must be one of auto, cpu, cuda, got 'tpu'"),
+    "log_every_steps": (0, "log_every_steps must be at least 1"),
+}
+
+
+def test_validate_checks_every_field_in_one_sentence():
+    assert set(UNUSABLE) == {f.name for f in dataclasses.fields(TrainConfig)}
+    for preset in ("fast", "classic", "quality"):
+        validate(preset_config(preset))
+    for name, (value, words) in UNUSABLE.items():
+        with pytest.raises(MnistflowError) as refused:
+            validate(dataclasses.replace(TrainConfig(), **{name: value}))
+        message = str(refused.value)
+        assert message.startswith(words) and message.endswith("."), (name, message)
+        assert "\n" not in message
+
+
+def test_an_unknown_name_is_a_sentence_not_a_key_error(small: data.MnistSplits):
+    with pytest.raises(MnistflowError, match="arch must be one of"):
+        preset_config("fast", arch="resnet")
+    # fit() on a config nobody validated still refuses by name, before training.
+    unchecked = dataclasses.replace(TrainConfig(device="cpu"), optimizer="sgd")
+    with pytest.raises(MnistflowError, match="Unknown optimizer 'sgd'"):
+        fit(unchecked, small.train, small.val)

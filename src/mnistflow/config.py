@@ -7,10 +7,11 @@ and environment variables, and the resolved values are logged whole with every r
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -42,22 +43,47 @@ class DataConfig:
     limit_train: int | None = None
 
 
+Optimizer = Literal["adam", "adadelta"]
+Schedule = Literal["onecycle", "step"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+DEVICES: tuple[str, ...] = get_args(Device)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides the trained weights."""
+    """Everything that decides the trained weights.
+
+    Optimiser constants not named here are PyTorch's defaults (the run's torch_version tag
+    pins them).
+    """
 
     preset: str = "fast"
-    arch: str = "fast"
+    arch: str = "fast"  # a network of models.ARCHITECTURES
     epochs: int = 2
     batch_size: int = 128
-    optimizer: Literal["adam", "adadelta"] = "adam"
-    lr: float = 8e-3
+    optimizer: Optimizer = "adam"  # adam: AdamW; adadelta: as in the PyTorch example
+    lr: float = 8e-3  # the peak learning rate (onecycle) or the first one (step)
     # onecycle: warm up then anneal per step; step: multiply by lr_gamma after each epoch.
-    schedule: Literal["onecycle", "step"] = "onecycle"
-    lr_gamma: float = 0.7
+    schedule: Schedule = "onecycle"
+    # onecycle: the fraction of all steps spent rising to lr. A run too short for a
+    # warm-up (warmup * steps <= 1) skips it and only anneals.
+    warmup: float = 0.25
+    # onecycle: it starts at lr / start_lr_divisor and ends at lr / end_lr_divisor.
+    start_lr_divisor: float = 25.0
+    end_lr_divisor: float = 2.5e5
+    # onecycle with adam: beta1 moves against the learning rate, from max_momentum down to
+    # min_momentum at the peak and back up (PyTorch's cycle_momentum).
+    min_momentum: float = 0.85
+    max_momentum: float = 0.95
+    lr_gamma: float = 0.7  # step: the factor applied after each epoch
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
+    # Random affine augmentation of every training batch, drawn for each image:
     augment: bool = False
+    augment_degrees: float = 10.0  # rotation within +-this many degrees
+    augment_scale: float = 0.1  # scaling by a factor within 1 +- this
+    augment_shift: float = 2.5  # shift within +-this many pixels, in x and in y
     seed: int = 0
     device: Device = "auto"
     # Per-step metrics are handed to the reporter in blocks of this many steps, so that
@@ -104,16 +130,73 @@ def preset_config(name: str, **overrides: Any) -> TrainConfig:
     return config
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _problem(c: TrainConfig) -> str | None:
+    """What is wrong with a config, as a sentence naming the field; None when nothing is."""
+    from mnistflow.models import ARCHITECTURES  # imported here: it brings in torch
+
+    choices = {
+        "arch": (c.arch, tuple(ARCHITECTURES)),
+        "optimizer": (c.optimizer, OPTIMIZERS),
+        "schedule": (c.schedule, SCHEDULES),
+        "device": (c.device, DEVICES),
+    }
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            return f"{name} must be one of {', '.join(allowed)}, got {value!r}."
+    # (field as the user knows it, its value, whether it is usable, what usable means)
+    rules: list[tuple[str, Any, bool, str]] = [
+        ("preset", c.preset, isinstance(c.preset, str) and bool(c.preset.strip()), "a name"),
+        ("epochs", c.epochs, _whole(c.epochs) and c.epochs >= 1, "at least 1"),
+        ("batch size", c.batch_size, _whole(c.batch_size) and c.batch_size >= 1, "at least 1"),
+        ("learning rate", c.lr, _number(c.lr) and c.lr > 0, "positive"),
+        ("warmup", c.warmup, _number(c.warmup) and 0 < c.warmup < 1, "between 0 and 1"),
+        ("start_lr_divisor", c.start_lr_divisor,
+         _number(c.start_lr_divisor) and c.start_lr_divisor >= 1, "at least 1"),
+        ("end_lr_divisor", c.end_lr_divisor,
+         _number(c.end_lr_divisor) and _number(c.start_lr_divisor)
+         and c.end_lr_divisor >= c.start_lr_divisor,
+         "at least start_lr_divisor"),
+        ("min_momentum", c.min_momentum,
+         _number(c.min_momentum) and 0 <= c.min_momentum < 1, "in [0, 1)"),
+        ("max_momentum", c.max_momentum,
+         _number(c.max_momentum) and _number(c.min_momentum)
+         and c.min_momentum <= c.max_momentum < 1,
+         "in [min_momentum, 1)"),
+        ("lr_gamma", c.lr_gamma, _number(c.lr_gamma) and 0 < c.lr_gamma <= 1, "in (0, 1]"),
+        ("weight_decay", c.weight_decay,
+         _number(c.weight_decay) and c.weight_decay >= 0, "at least 0"),
+        ("label_smoothing", c.label_smoothing,
+         _number(c.label_smoothing) and 0 <= c.label_smoothing < 1, "in [0, 1)"),
+        ("augment", c.augment, isinstance(c.augment, bool), "true or false"),
+        ("augment_degrees", c.augment_degrees,
+         _number(c.augment_degrees) and 0 <= c.augment_degrees <= 180, "in [0, 180]"),
+        ("augment_scale", c.augment_scale,
+         _number(c.augment_scale) and 0 <= c.augment_scale < 1, "in [0, 1)"),
+        ("augment_shift", c.augment_shift,
+         _number(c.augment_shift) and 0 <= c.augment_shift <= 14, "in [0, 14] pixels"),
+        ("seed", c.seed, _whole(c.seed) and 0 <= c.seed < 2**63, "a whole number >= 0"),
+        ("log_every_steps", c.log_every_steps,
+         _whole(c.log_every_steps) and c.log_every_steps >= 1, "at least 1"),
+    ]  # fmt: skip
+    for name, value, usable, wanted in rules:
+        if not usable:
+            return f"{name} must be {wanted}, got {value!r}."
+    return None
+
+
 def validate(config: TrainConfig) -> None:
-    """Refuse values no training could use, naming the field."""
-    if config.epochs < 1:
-        raise MnistflowError(f"epochs must be at least 1, got {config.epochs}.")
-    if config.batch_size < 1:
-        raise MnistflowError(f"batch size must be at least 1, got {config.batch_size}.")
-    if not config.lr > 0:
-        raise MnistflowError(f"learning rate must be positive, got {config.lr}.")
-    if config.device not in ("auto", "cpu", "cuda"):
-        raise MnistflowError(f"device must be auto, cpu or cuda, got {config.device!r}.")
+    """Refuse, in one sentence naming the field, any value no training could use."""
+    problem = _problem(config)
+    if problem:
+        raise MnistflowError(problem)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import time
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from importlib.metadata import version
@@ -34,6 +36,11 @@ from mnistflow.config import MnistflowError, TrackingConfig
 from mnistflow.data import DATASET_DIGEST, MnistSplits
 from mnistflow.reporting import Reporter
 
+# The experiment tag MLflow's UI reads to pick its view, and its model-training value
+# (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
 
 def resolve_tracking_uri(uri: str | None) -> str:
     """The tracking URI in force: the given one, else MLFLOW_TRACKING_URI, else MLflow's default."""
@@ -43,23 +50,123 @@ def resolve_tracking_uri(uri: str | None) -> str:
 
 
 def check_reachable(uri: str) -> None:
-    """Fail fast with one sentence when the store cannot be used, instead of minutes of retries."""
-    if uri.startswith(("http://", "https://")):
-        import requests  # a dependency of MLflow
+    """Fail fast with one sentence when the store cannot be used, instead of minutes of retries.
 
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=5)
-        except requests.RequestException as e:
-            raise MnistflowError(
-                f"Cannot reach the MLflow tracking server at {uri} ({type(e).__name__}); start it "
-                "or point --tracking-uri / MLFLOW_TRACKING_URI elsewhere."
-            ) from e
+    A tracking server passes only when it answers as MLflow's does: /health says "OK" (no
+    login needed) and /version gives a version number (a login is, on an auth server).
+    """
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise MnistflowError(
                 f"Cannot create the MLflow store {uri}: {folder} is not a writable folder."
             )
+
+
+def _check_server(uri: str) -> None:
+    import requests  # a dependency of MLflow
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    # MLflow's own request helper, so the check logs in as the client will
+    # (MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN, ~/.mlflow/credentials, TLS settings).
+    creds = get_default_host_creds(uri.rstrip("/"))
+    answers = {}
+    for endpoint in ("/health", "/version"):
+        try:
+            answers[endpoint] = http_request(
+                creds, endpoint, "GET", max_retries=0, timeout=5, raise_on_status=False
+            )
+        except (requests.RequestException, MlflowException) as e:
+            cause = e.__cause__ if isinstance(e, MlflowException) and e.__cause__ else e
+            raise MnistflowError(
+                f"Cannot reach the MLflow tracking server at {uri} ({type(cause).__name__}); "
+                "start it or point --tracking-uri / MLFLOW_TRACKING_URI elsewhere."
+            ) from e
+        if endpoint == "/health":
+            health = answers[endpoint]
+            if health.status_code != 200 or health.text.strip() != "OK":
+                raise MnistflowError(
+                    f"{uri} is not a healthy MLflow tracking server (/health answered HTTP "
+                    f"{health.status_code}); check the URI and whatever proxy is in front of it."
+                )
+    answer = answers["/version"]
+    if answer.status_code in (401, 403):
+        who = f"user {creds.username!r}" if creds.username else "no credentials"
+        raise MnistflowError(
+            f"The MLflow tracking server at {uri} refused the login ({who}, HTTP "
+            f"{answer.status_code}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "to an account on it."
+        )
+    if answer.status_code != 200 or not re.fullmatch(r"\d+\.\d+\S*", answer.text.strip()):
+        raise MnistflowError(
+            f"{uri} answers, but not as an MLflow tracking server (/version answered HTTP "
+            f"{answer.status_code}); check --tracking-uri / MLFLOW_TRACKING_URI."
+        )
+
+
+def use_store(uri: str | None, create: bool = False) -> str:
+    """Point MLflow at the store the user asked for (see resolve_tracking_uri) and check it.
+
+    create=False is for commands that read or change what training wrote: a local SQLite
+    store that does not exist yet is refused rather than created empty.
+    """
+    resolved = resolve_tracking_uri(uri)
+    check_reachable(resolved)
+    if not create and resolved.startswith("sqlite:///"):
+        path = Path(resolved.removeprefix("sqlite:///")).expanduser()
+        if not path.is_file():
+            raise MnistflowError(
+                f"There is no MLflow store at {path.resolve()}; train a model first "
+                "(mnistflow train) or point --tracking-uri / MLFLOW_TRACKING_URI at your store."
+            )
+    return resolved
+
+
+def use_experiment(name: str) -> str:
+    """Make name the active experiment (created when missing), marked as model training in
+    the MLflow UI; returns its id."""
+    uri = str(mlflow.get_tracking_uri())
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        experiment_id = _create_experiment(client, uri, name)
+    else:
+        experiment_id = experiment.experiment_id
+        kind = experiment.tags.get(EXPERIMENT_KIND_TAG)
+        # Without the tag, MLflow 3's UI opens an experiment in its GenAI view (traces,
+        # judges); the UI records its own guesses as "*_inferred". A kind someone chose stays.
+        if kind is None or kind.endswith("_inferred") or kind == "no_inferred_type":
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return str(experiment_id)
+
+
+def _create_experiment(client: MlflowClient, uri: str, name: str) -> str:
+    location = None
+    if uri.startswith("sqlite:///"):
+        # Beside the database: MLflow's default is ./mlruns in whatever folder the command
+        # runs in, a second store the user did not ask for when the database is elsewhere.
+        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+        location = str(folder / "mlruns" / uuid.uuid4().hex)
+    try:
+        return str(
+            client.create_experiment(
+                name,
+                artifact_location=location,
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+            )
+        )
+    except MlflowException as e:
+        # Another process created it a moment ago.
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        existing = client.get_experiment_by_name(name)
+        if existing is None:
+            raise
+        return str(existing.experiment_id)
 
 
 def git_state() -> tuple[str, bool | None]:
@@ -86,7 +193,9 @@ class TrackedRun(Reporter):
 
     def __init__(self, config: TrackingConfig) -> None:
         self.config = config
-        self.client = MlflowClient()
+        # Built in __enter__, once the requested store is known: a client built now would
+        # open (and create) the default ./mlflow.db.
+        self.client: MlflowClient
         self.tracking_uri = ""
         self.run_id = ""
         self.experiment_id = ""
@@ -95,8 +204,7 @@ class TrackedRun(Reporter):
     # -- the run's life -------------------------------------------------------------------
 
     def __enter__(self) -> TrackedRun:
-        self.tracking_uri = resolve_tracking_uri(self.config.tracking_uri)
-        check_reachable(self.tracking_uri)
+        self.tracking_uri = use_store(self.config.tracking_uri, create=True)
         self.client = MlflowClient(self.tracking_uri)
         if self.config.async_logging:
             # Let MLflow's queue merge the blocks it holds into fewer store writes (one HTTP
@@ -107,7 +215,7 @@ class TrackedRun(Reporter):
             mlflow.set_system_metrics_sampling_interval(self.config.system_metrics_interval)
             mlflow.set_system_metrics_samples_before_logging(1)
         try:
-            experiment = mlflow.set_experiment(self.config.experiment)
+            self.experiment_id = use_experiment(self.config.experiment)
             run = mlflow.start_run(
                 run_id=self.config.resume_run_id,
                 run_name=self.config.run_name,
@@ -120,7 +228,6 @@ class TrackedRun(Reporter):
                 f"MLflow refused to start a run in experiment {self.config.experiment!r} at "
                 f"{self.tracking_uri}: {e.message}"
             ) from e
-        self.experiment_id = experiment.experiment_id
         self.run_id = run.info.run_id
         return self
 
@@ -254,16 +361,10 @@ class ParentRun:
     @classmethod
     def start(cls, config: TrackingConfig) -> ParentRun:
         """A new RUNNING run in config.experiment (created when missing)."""
-        uri = resolve_tracking_uri(config.tracking_uri)
-        check_reachable(uri)
+        uri = use_store(config.tracking_uri, create=True)
         client = MlflowClient(uri)
         try:
-            experiment = client.get_experiment_by_name(config.experiment)
-            experiment_id = (
-                experiment.experiment_id
-                if experiment is not None
-                else client.create_experiment(config.experiment)
-            )
+            experiment_id = use_experiment(config.experiment)
             tags = dict(config.tags)
             if config.description:
                 tags["mlflow.note.content"] = config.description
@@ -278,8 +379,7 @@ class ParentRun:
     @classmethod
     def join(cls, tracking_uri: str | None, run_id: str) -> ParentRun:
         """An existing run, set RUNNING again (it may have ended with an earlier command)."""
-        uri = resolve_tracking_uri(tracking_uri)
-        check_reachable(uri)
+        uri = use_store(tracking_uri, create=True)
         client = MlflowClient(uri)
         try:
             client.get_run(run_id)

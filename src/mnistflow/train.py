@@ -60,26 +60,42 @@ def _optimizer(
         optimizer = torch.optim.Adadelta(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
-    else:
+    elif config.optimizer == "adam":
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
+    else:  # validate() refuses these before any training; a library caller may skip it
+        raise MnistflowError(f"Unknown optimizer {config.optimizer!r}.")
     if config.schedule == "step":
         return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1, config.lr_gamma), False
+    if config.schedule != "onecycle":
+        raise MnistflowError(f"Unknown schedule {config.schedule!r}.")
+    # OneCycleLR peaks at step warmup * total_steps - 1 and divides by zero when that is
+    # step 0; a run too short for a warm-up step skips it and only anneals.
+    warmup = config.warmup if config.warmup * total_steps > 1 else 0.0
     one_cycle = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.25
+        optimizer,
+        max_lr=config.lr,
+        total_steps=total_steps,
+        pct_start=warmup,
+        div_factor=config.start_lr_divisor,
+        final_div_factor=config.end_lr_divisor / config.start_lr_divisor,
+        base_momentum=config.min_momentum,
+        max_momentum=config.max_momentum,
     )
     return optimizer, one_cycle, True
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random small rotations, scalings and shifts of a float batch (B, 1, 28, 28)."""
+def augment(images: torch.Tensor, generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
+    """Random rotations, scalings and shifts of a float batch (B, 1, 28, 28), each image
+    drawn within config's augment_degrees, augment_scale and augment_shift."""
     b = images.shape[0]
     # Draw on the CPU generator so the same seed gives the same augmentation on any device.
-    r = torch.rand(b, 4, generator=generator).to(images.device)
-    angle = (r[:, 0] - 0.5) * math.radians(20)  # +-10 degrees
-    scale = 0.9 + 0.2 * r[:, 1]  # 0.9 .. 1.1
-    shift = (r[:, 2:] - 0.5) * (2 * 2.5 / 14)  # +-2.5 pixels, in [-1, 1] grid units
+    r = torch.rand(b, 4, generator=generator).to(images.device)  # (B, 4) in [0, 1)
+    angle = (r[:, 0] - 0.5) * math.radians(2 * config.augment_degrees)
+    scale = (1 - config.augment_scale) + 2 * config.augment_scale * r[:, 1]
+    # Pixels to [-1, 1] grid units: the 28-pixel image spans 2 units, 14 pixels per unit.
+    shift = (r[:, 2:] - 0.5) * (2 * config.augment_shift / 14)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack(
         [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
@@ -163,7 +179,7 @@ def fit(
                 idx = order[start : start + config.batch_size]
                 x = images[idx].float()  # (B, 1, 28, 28) uint8 -> float 0-255
                 if config.augment:
-                    x = augment(x, generator)
+                    x = augment(x, generator, config)
                 y = labels[idx]
                 logits = model(x.contiguous(memory_format=torch.channels_last))
                 loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
