@@ -74,7 +74,7 @@ def sweep_once(
         first = min(t.datetime_start for t in ended if t.datetime_start is not None)
         last = max(t.datetime_complete for t in ended if t.datetime_complete is not None)
         span = (last - first).total_seconds()
-        return {
+        result = {
             "trials": len(ended),
             "workers": workers,
             "pruner": definition.pruner,
@@ -88,6 +88,8 @@ def sweep_once(
             # With one worker the trials run back to back, so this is the machinery's share.
             "sweep_overhead_per_trial": (span - sum(fit)) / len(ended) if workers == 1 else None,
         }
+        print(json.dumps(result), flush=True)  # each sweep as it ends, for long runs
+        return result
 
 
 def main() -> None:
@@ -96,6 +98,9 @@ def main() -> None:
     parser.add_argument("--limit-train", type=int, default=10000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--overhead-trials", type=int, default=3)
+    parser.add_argument(
+        "--overhead-limit-train", type=int, default=None, help="default: all 55,000 images"
+    )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -104,7 +109,11 @@ def main() -> None:
     pruned = sweep_once(args.trials, 1, SweepDefinition(pruner="median", **sliced))
     unpruned = sweep_once(args.trials, 1, SweepDefinition(pruner="none", **sliced))
     two = sweep_once(args.trials, 2, SweepDefinition(pruner="none", **sliced))
-    overhead = sweep_once(args.overhead_trials, 1, SweepDefinition(pruner="none"))
+    overhead = sweep_once(
+        args.overhead_trials,
+        1,
+        SweepDefinition(pruner="none", limit_train=args.overhead_limit_train),
+    )
     results = {
         "args": vars(args),
         "cpu_count": os.cpu_count(),
