@@ -141,9 +141,8 @@ def main() -> None:
         )
     )
     share = overhead["sweep_overhead_per_trial"] / overhead["fit_seconds_mean"]
-    print(
-        f"\nOverhead, fast preset on all {55000} training images, {args.overhead_trials} trials\n"
-    )
+    images = args.overhead_limit_train or "all 55,000"
+    print(f"\nOverhead, fast preset on {images} training images, {args.overhead_trials} trials\n")
     print(
         table(
             ["mean fit() s", "overhead per trial s", "of which inside the trial s", "share"],
