@@ -22,6 +22,7 @@ from mnistflow import models, registry, servers, sweep
 SLICE = ["--limit-train", "1000", "--epochs", "2"]
 # Only the learning rate is searched: the enqueued trials below then fix every trial's recipe.
 SPACE = "lr: {low: 1e-5, high: 0.03, log: true}\n"
+LRS = (0.01, 0.005, 0.01, 1e-5)
 
 
 def journal(path: Path) -> optuna.storages.BaseStorage:
@@ -37,14 +38,15 @@ def children(client: MlflowClient, parent: dict[str, Any]) -> list[Any]:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A finished 4-trial sweep, registered: three good learning rates, then a hopeless one
-    (enqueued, so the outcome does not hang on the sampler) that the median pruner stops."""
+    """A finished 4-trial sweep, registered: three good learning rates (the first one twice),
+    then a hopeless one that the median pruner stops. Enqueued, so the outcome does not hang
+    on the sampler."""
     folder = tmp_path_factory.mktemp("sweep")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     storage = folder / "study.log"
     (folder / "space.yaml").write_text(SPACE)
     study = optuna.create_study(storage=journal(storage), study_name="s1", direction="maximize")
-    for lr in (0.01, 0.005, 0.02, 1e-5):
+    for lr in LRS:
         study.enqueue_trial({"lr": lr})
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
@@ -72,9 +74,7 @@ def test_one_parent_run_with_a_child_run_per_trial(swept):
     assert sorted(by_number) == [0, 1, 2, 3]
     for number, run in by_number.items():
         # The full record of a training run: params, per-epoch metrics, tags, dataset inputs.
-        assert float(run.data.params["train.lr"]) == pytest.approx(
-            (0.01, 0.005, 0.02, 1e-5)[number]
-        )
+        assert float(run.data.params["train.lr"]) == pytest.approx(LRS[number])
         assert run.data.params["data.limit_train"] == "1000"
         assert run.data.tags["sweep_study"] == "s1" and run.data.tags["git_commit"]
         assert "val_accuracy" in run.data.metrics and "train_loss" in run.data.metrics
@@ -95,6 +95,13 @@ def test_one_parent_run_with_a_child_run_per_trial(swept):
     } <= artifacts
 
 
+def test_the_same_params_give_the_same_trial(swept):
+    # Each trial's network is seeded on its own: its result does not depend on earlier trials.
+    study = optuna.load_study(study_name="s1", storage=journal(swept["storage"]))
+    assert study.trials[0].params == study.trials[2].params
+    assert study.trials[0].value == study.trials[2].value
+
+
 def test_hopeless_trial_is_pruned_early_and_says_so(swept):
     client = MlflowClient(swept["uri"])
     run = next(r for r in children(client, swept) if r.data.tags["trial_number"] == "3")
@@ -112,7 +119,11 @@ def test_best_trial_is_chosen_on_validation_and_alone_sees_the_test_set(swept):
     client = MlflowClient(swept["uri"])
     runs = children(client, swept)
     complete = [r for r in runs if r.data.tags["trial_state"] == "complete"]
-    best = max(complete, key=lambda r: r.data.metrics["val_accuracy"])
+    # The highest validation accuracy; on a tie, the earliest trial (as Optuna's best_trial).
+    best = max(
+        complete,
+        key=lambda r: (r.data.metrics["val_accuracy"], -int(r.data.tags["trial_number"])),
+    )
     assert best.info.run_id == swept["best_run_id"]
     assert int(best.data.tags["trial_number"]) == swept["best_trial"]
     assert best.data.metrics["val_accuracy"] == pytest.approx(swept["best_val_accuracy"])

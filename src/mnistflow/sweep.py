@@ -563,13 +563,17 @@ def _objective(trial: optuna.Trial, job: WorkerJob, splits: MnistSplits) -> floa
             run.set_tags(train_config.preset, device, tags)
             run.log_datasets(splits)
             fit_started = time.perf_counter()
+            # Seeded here, not only inside fit(): the network is built before fit() seeds, and
+            # its initial weights must not depend on the trials this process ran before.
+            torch.manual_seed(train_config.seed)
+            network = _trial_network(train_config, params)
             try:
                 result = fit(
                     train_config,
                     splits.train,
                     splits.val,
                     Tee(run, PruningReporter(trial)),
-                    model=_trial_network(train_config, params),
+                    model=network,
                 )
             except optuna.TrialPruned as e:
                 state, note = "pruned", f"Trial {trial.number} of study {job.study}: {e}."
@@ -828,7 +832,8 @@ def _finish_best(
     from mnistflow.tracking import TrackedRun, download_artifact, get_run, set_run_tags
     from mnistflow.train import evaluate
 
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
         counts = ", ".join(
             f"{v} {k.removeprefix('trials_')}" for k, v in _trial_counts(study).items()
         )
@@ -836,7 +841,9 @@ def _finish_best(
             f"No trial of study {study.study_name!r} completed ({counts}); see the trial runs "
             "for why."
         )
-    best = study.best_trial  # highest val accuracy; the earliest trial on a tie
+    # The highest validation accuracy; on a tie the earliest trial, whatever the storage
+    # (an SQL storage's ORDER BY leaves ties in no particular order).
+    best = max(complete, key=lambda t: (t.value, -t.number))
     run_id = best.user_attrs["mlflow_run_id"]
     done = get_run(run_id).data
     if "test_accuracy" in done.metrics and "best_model_uri" in done.tags:
