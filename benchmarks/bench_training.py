@@ -7,6 +7,11 @@
    a local `mlflow server`, against tracking switched off. Runs are interleaved, medians compared.
 3. The quality preset's accuracy and time (--quality; about ten minutes on 2 cores).
 
+These time fit() in-process after a warm-up run: they compare recipes and tracking modes with
+everything else held still. What a user sees, the whole `mnistflow train` command in a fresh
+process (start-up, first-use costs, progress bar, system metrics and all), is timed by
+bench_command.py, and that is the README's headline figure.
+
 Usage: python benchmarks/bench_training.py [--seeds 3] [--repeats 9] [--quality]
 Prints Markdown tables (the README's) and writes benchmarks/results/training.json.
 """

@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mnistflow import registry
+from mnistflow.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 
 
 @pytest.mark.slow
@@ -18,10 +19,29 @@ def test_pipeline_on_full_mnist_reaches_99_percent_and_crowns_a_champion(
     result = cli("pipeline", "--tracking-uri", store, "--json")
     assert result.exit_code == 0, result.stderr
     outcome = result.json()
-    assert outcome["train"]["test_accuracy"] >= 0.99
-    assert outcome["train"]["train_seconds"] < outcome["train"]["total_seconds"]
-    assert outcome["promotion"]["promoted"] is True
+    train = outcome["train"]
+    assert train["test_accuracy"] >= 0.99
     client = MlflowClient(store)
+    run = client.get_run(train["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["data.train_size"] == "55000"
+    # train_seconds is the epochs' loops as logged, the README's training time.
+    epochs = client.get_metric_history(train["run_id"], "epoch_seconds")
+    assert [m.step for m in epochs] == [1, 2]
+    assert train["train_seconds"] == pytest.approx(sum(m.value for m in epochs))
+    assert train["registered_model"] == "mnist" and train["registered_version"] == "1"
+
+    promotion = outcome["promotion"]
+    assert promotion["promoted"] is True and promotion["champion_version"] == "1"
     assert registry.alias_version(client, "mnist", "champion") == "1"
-    assert outcome["samples"]["correct"] >= 9
+    evaluation = client.get_run(promotion["evaluation_run_id"])
+    assert evaluation.data.tags["promoted"] == "true"
+    for experiment_id in (run.info.experiment_id, evaluation.info.experiment_id):
+        kind = client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG)
+        assert kind == MODEL_TRAINING_KIND
+
+    samples = outcome["samples"]
+    assert samples["correct"] >= 9
+    assert samples["correct"] == sum(
+        t == p for t, p in zip(samples["true"], samples["predicted"], strict=True)
+    )
     assert len(list((tmp_path / "sample-digits").glob("*.png"))) == 10

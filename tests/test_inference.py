@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import MIRROR, run_cli
-from mnistflow import data, preprocess, registry
+from mnistflow import data, inference, logged_models, preprocess
 from mnistflow.config import DataConfig, preset_config
 from mnistflow.export import onnx_probabilities
 from mnistflow.train import evaluate, fit
@@ -112,13 +112,53 @@ def test_predict_npy_to_stdout_and_bad_arrays(champion, test_split, tmp_path: Pa
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines()[0] == "source,label,probability"
     assert len(result.stdout.splitlines()) == 6
-    wrong = tmp_path / "wrong.npy"
-    np.save(wrong, np.zeros((3, 27, 27)))
-    bad = run_cli("predict", str(wrong))
-    assert bad.exit_code == 1 and "shape (3, 27, 27)" in bad.stderr
+    # Every way an array can be wrong is in test_pixels.py; here, that it ends as one line.
     hot = tmp_path / "hot.npy"
     np.save(hot, np.full((2, 28, 28), 300.0))
-    assert "outside 0-255" in run_cli("predict", str(hot)).stderr
+    bad = run_cli("predict", str(hot))
+    assert bad.exit_code == 1 and bad.stdout == ""
+    refusal = "pixel values must lie in 0-255; got 300.0 to 300.0."
+    assert bad.stderr.strip() == f"Error: {hot}: {refusal}"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("missing/out.csv", "the folder {tmp}/missing does not exist"),
+        ("file.txt/out.csv", "{tmp}/file.txt is a file"),
+        ("out.txt", "the name must end in .csv or .json"),
+        ("folder.csv", "it is a folder"),
+        ("/proc/out.csv", "no file can be created in /proc (No such file or directory)"),
+        ("/sys/out.json", "no file can be created in /sys (Permission denied)"),
+    ],
+)
+def test_predict_refuses_an_unwritable_output_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, reason: str
+):
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    (tmp_path / "folder.csv").mkdir()
+    output = tmp_path / name
+    # Neither the inputs nor the model exist: the output is checked before either is read.
+    monkeypatch.setattr(
+        inference, "collect", lambda paths: pytest.fail("read the inputs before the check")
+    )
+    result = run_cli(
+        "predict", str(tmp_path / "nothing.npy"), "--output", str(output),
+        "--model-uri", "models:/nothing@here", "--tracking-uri", f"sqlite:///{tmp_path}/no.db",
+    )  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    expected = f"Error: Cannot write results to {output}: {reason.format(tmp=tmp_path)}."
+    assert result.stderr.strip() == expected
+    assert not (tmp_path / "no.db").exists()  # no store was created either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "folder.csv"]
+
+
+def test_predict_output_check_leaves_an_existing_file_as_it_is(tmp_path: Path):
+    existing = tmp_path / "old.csv"
+    existing.write_text("kept\n")
+    inference.check_output(existing)  # writable: no error, and nothing written yet
+    assert existing.read_text() == "kept\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.csv"]  # the probe is gone
 
 
 def test_predict_refuses_empty_folders_and_unknown_models(champion, tmp_path: Path):
@@ -144,7 +184,7 @@ def test_trained_module_pyfunc_and_onnx_agree_on_the_whole_test_set(tmp_path, mo
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("parity")
     with mlflow.start_run():
-        logged = registry.log_models(result.model, splits.test.images[:64], tmp_path)
+        logged = logged_models.log_torch_models(result.model, splits.test.images[:64], tmp_path)
     pixels = splits.test.images[:, 0].numpy().astype(np.float32)  # (10000, 28, 28)
     pyfunc = mlflow.pyfunc.load_model(logged.model_uri)
     through_mlflow = np.asarray(pyfunc.predict(pixels)["label"])

@@ -13,6 +13,7 @@ import csv
 import json
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +23,10 @@ import numpy as np
 
 from mnistflow.config import MnistflowError
 from mnistflow.data import read_idx
+from mnistflow.pixels import PixelError, as_pixels
 from mnistflow.preprocess import ImageError, image_to_digit
 
+OUTPUT_SUFFIXES = (".csv", ".json")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -59,24 +62,11 @@ def _is_idx(path: Path) -> bool:
 
 
 def _as_digit_array(array: np.ndarray, source: str) -> np.ndarray:
-    """(n, 28, 28), (n, 1, 28, 28), (n, 784) or one (28, 28) -> (n, 28, 28) float32, checked."""
-    if array.shape == (28, 28):
-        array = array[None]
-    elif array.ndim == 2 and array.shape[1] == 784:
-        array = array.reshape(-1, 28, 28)
-    elif array.ndim == 4 and array.shape[1] == 1:
-        array = array[:, 0]
-    if array.ndim != 3 or array.shape[1:] != (28, 28) or len(array) == 0:
-        raise MnistflowError(
-            f"{source} holds an array of shape {array.shape}; expected digits shaped (N, 28, 28), "
-            "(N, 1, 28, 28), (N, 784) or (28, 28)."
-        )
-    if not np.issubdtype(array.dtype, np.number):
-        raise MnistflowError(f"{source} holds {array.dtype} values, not pixel numbers.")
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
-        raise MnistflowError(f"{source} holds values outside 0-255 (or NaN); expected pixels.")
-    return array
+    """Any shape as_pixels accepts -> (n, 28, 28) float32, checked as the model checks it."""
+    try:
+        return as_pixels(array)[:, 0]
+    except PixelError as e:
+        raise MnistflowError(f"{source}: {e}") from None
 
 
 def _idx_labels(images: Path) -> np.ndarray | None:
@@ -186,8 +176,46 @@ def rows(digits: Digits, labels: np.ndarray, probabilities: np.ndarray) -> list[
     return out
 
 
+def check_output(output: Path | None) -> None:
+    """Refuse an output path that cannot be written, before any work: the right suffix, an
+    existing folder, and a real trial write there (permission bits say little when run as
+    root, or on a read-only file system)."""
+    if output is None:
+        return
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise MnistflowError(
+            f"Cannot write results to {output}: the name must end in .csv or .json."
+        )
+    folder = output.parent
+    if output.is_dir():
+        raise MnistflowError(f"Cannot write results to {output}: it is a folder.")
+    if not folder.is_dir():
+        why = f"{folder} is a file" if folder.exists() else f"the folder {folder} does not exist"
+        raise MnistflowError(f"Cannot write results to {output}: {why}.")
+    if output.exists():
+        try:
+            output.open("ab").close()  # opened for appending: its content stays as it is
+        except OSError as e:
+            raise MnistflowError(f"Cannot write results to {output} ({e.strerror}).") from None
+        return
+    try:
+        tempfile.NamedTemporaryFile(dir=folder).close()  # created and removed at once
+    except OSError as e:
+        raise MnistflowError(
+            f"Cannot write results to {output}: no file can be created in {folder} ({e.strerror})."
+        ) from None
+
+
 def write(results: list[dict[str, Any]], output: Path | None) -> None:
     """Write rows as JSON (when output ends in .json) or CSV; CSV to stdout without output."""
+    try:
+        _write(results, output)
+    except OSError as e:  # e.g. the disk filled up since check_output
+        where = output or "standard output"
+        raise MnistflowError(f"Cannot write results to {where} ({e.strerror}).") from None
+
+
+def _write(results: list[dict[str, Any]], output: Path | None) -> None:
     if output is not None and output.suffix.lower() == ".json":
         output.write_text(json.dumps(results, indent=1))
         return

@@ -12,12 +12,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from mnistflow import data, registry, reports
-from mnistflow.config import MODEL_NAME, DataConfig, TrackingConfig, TrainConfig, as_dict
+from mnistflow import data, logged_models, registry, reports
+from mnistflow.config import (
+    MODEL_NAME,
+    DataConfig,
+    TrackingConfig,
+    TrainConfig,
+    as_dict,
+    validate,
+)
 from mnistflow.reporting import Reporter, Tee
 from mnistflow.tracking import TrackedRun
-from mnistflow.train import evaluate, fit, resolve_device
+from mnistflow.train import Evaluation, FitResult, evaluate, fit, resolve_device
+
+# Test digits the ONNX export is checked on (against PyTorch) and logged as input examples.
+CHECK_IMAGES = 256
 
 
 @dataclass
@@ -35,7 +46,7 @@ class TrainSummary:
     # Pure training time (the training loops only); total_seconds is the whole command.
     train_seconds: float
     total_seconds: float
-    model_uri: str  # the logged pyfunc model
+    model_uri: str  # the logged pyfunc
     registered_model: str | None = None
     registered_version: str | None = None
 
@@ -49,90 +60,38 @@ def train_run(
     tracking_config: TrackingConfig,
     progress: Reporter | None = None,
     register_as: str | None = None,
+    splits: data.MnistSplits | None = None,
 ) -> TrainSummary:
-    """Load MNIST, train, evaluate on the test set, and record all of it (the models too)
-    as one MLflow run.
+    """Train on MNIST, evaluate on the test set, and record all of it (the models too) as
+    one MLflow run.
 
-    register_as: then register the pyfunc under this name (it becomes @challenger).
+    register_as: then register the served model under this name (it becomes @challenger).
+    splits: MNIST already loaded with data_config (else loaded here).
     """
     started = time.perf_counter()
-    splits = data.load(data_config)
-    # The resolved device ("cpu" or "cuda", never "auto") is what gets logged.
-    device = resolve_device(train_config.device).type
-    train_config = dataclasses.replace(train_config, device=device)  # type: ignore[arg-type]
-    resolved = {
-        "train": as_dict(train_config),
-        "data": {
-            **as_dict(data_config),
-            "source": splits.source,
-            "train_size": len(splits.train),
-            "val_size": len(splits.val),
-            "test_size": len(splits.test),
-        },
-        "tracking": as_dict(tracking_config),
-    }
+    validate(train_config)
+    splits = splits or data.load(data_config)
+    train_config = _with_resolved_device(train_config)
+    resolved = _resolved_config(data_config, train_config, tracking_config, splits)
 
     with (
         tempfile.TemporaryDirectory(prefix="mnistflow-") as tmp,
         TrackedRun(tracking_config) as run,
     ):
-        out = Path(tmp)
-        config_file = out / "config.json"
-        config_file.write_text(json.dumps(resolved, indent=2, default=str))
-        # First artifact before any training: an unwritable artifact store fails here, fast.
-        run.log_config(resolved, config_file)
-        run.set_tags(train_config.preset, train_config.device, tracking_config.tags)
-        run.log_datasets(splits)
-
+        workdir = Path(tmp)
+        _record_inputs(run, resolved, train_config, tracking_config, splits, workdir)
         result = fit(
-            train_config,
-            splits.train,
-            splits.val,
-            Tee(run, progress) if progress else run,
+            train_config, splits.train, splits.val, Tee(run, progress) if progress else run
         )
-
         test = evaluate(result.model, splits.test)
-        labels = splits.test.labels.numpy()
-        predictions = test.predictions.numpy()
-        per_class = reports.per_class(labels, predictions)
-        final = {
-            "test_loss": test.loss,
-            "test_macro_f1": per_class["macro avg"]["f1-score"],
-            **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
-            "train_seconds": result.train_seconds,
-        }
-        logged = registry.log_models(result.model, splits.test.images[:256], out)
-        final["onnx_max_abs_diff"] = logged.onnx_max_abs_diff
+        logged = logged_models.log_torch_models(
+            result.model, splits.test.images[:CHECK_IMAGES], workdir
+        )
+        per_class = reports.per_class(splits.test.labels.numpy(), test.predictions.numpy())
+        final = _final_metrics(test, per_class, result, logged)
         run.log_results(test.accuracy, final, logged.model_id)
-
-        report_dir = out / "reports"
-        report_dir.mkdir()
-        reports.write_per_class(per_class, report_dir)
-        reports.confusion_matrix_png(labels, predictions, report_dir / "confusion_matrix.png")
-        reports.misclassified_png(
-            splits.test.images.numpy(),
-            labels,
-            predictions,
-            test.probabilities.numpy().astype(np.float64),
-            report_dir / "misclassified.png",
-        )
-        reports.learning_curves_png(
-            result.step_losses, result.history, report_dir / "learning_curves.png"
-        )
-        run.log_folder(report_dir, "reports")
-
-        # The checkpoint carries what is needed to rebuild the network around the weights.
-        weights = out / "model.pt"
-        torch.save(
-            {
-                "arch": train_config.arch,
-                "config": resolved,
-                "state_dict": result.model.state_dict(),
-            },
-            weights,
-        )
-        run.log_file(weights, "weights")
-
+        _log_reports(run, splits.test, test, result, per_class, workdir)
+        _log_weights(run, train_config, resolved, result.model, workdir)
         total = time.perf_counter() - started
         run.log_metrics({"total_seconds": total})
         summary = TrainSummary(
@@ -150,17 +109,122 @@ def train_run(
         )
     if register_as:
         # After the run has ended: a version points at a finished run.
-        version = registry.register(summary.run_id, register_as, logged.model_uri)
+        client = registry.client_for(summary.tracking_uri)
+        version = registry.register(client, summary.run_id, register_as, logged.model_id)
         summary.registered_model, summary.registered_version = register_as, str(version.version)
     return summary
 
 
-def write_sample_digits(data_config: DataConfig, folder: Path, count: int = 10) -> list[int]:
+# -- the stages of train_run -------------------------------------------------------------
+
+
+def _with_resolved_device(config: TrainConfig) -> TrainConfig:
+    """The config with "auto" replaced by the device used: the run logs what really ran."""
+    device = resolve_device(config.device).type
+    return dataclasses.replace(config, device=device)  # type: ignore[arg-type]
+
+
+def _resolved_config(
+    data_config: DataConfig,
+    train_config: TrainConfig,
+    tracking_config: TrackingConfig,
+    splits: data.MnistSplits,
+) -> dict[str, Any]:
+    """Every value the run was made with, as logged (params and config.json)."""
+    return {
+        "train": as_dict(train_config),
+        "data": {
+            **as_dict(data_config),
+            "source": splits.source,
+            "train_size": len(splits.train),
+            "val_size": len(splits.val),
+            "test_size": len(splits.test),
+        },
+        "tracking": as_dict(tracking_config),
+    }
+
+
+def _record_inputs(
+    run: TrackedRun,
+    resolved: dict[str, Any],
+    train_config: TrainConfig,
+    tracking_config: TrackingConfig,
+    splits: data.MnistSplits,
+    workdir: Path,
+) -> None:
+    """Config, tags and dataset lineage, before any training."""
+    config_file = workdir / "config.json"
+    config_file.write_text(json.dumps(resolved, indent=2, default=str))
+    # First artifact before any training: an unwritable artifact store fails here, fast.
+    run.log_config(resolved, config_file)
+    run.set_tags(train_config.preset, train_config.device, tracking_config.tags)
+    run.log_datasets(splits)
+
+
+def _final_metrics(
+    test: Evaluation,
+    per_class: dict[str, Any],
+    result: FitResult,
+    logged: logged_models.LoggedModels,
+) -> dict[str, float]:
+    """The run's closing metrics besides test_accuracy (logged on its own)."""
+    return {
+        "test_loss": test.loss,
+        "test_macro_f1": per_class["macro avg"]["f1-score"],
+        **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
+        "train_seconds": result.train_seconds,
+        "onnx_max_abs_diff": logged.onnx_max_abs_diff,
+    }
+
+
+def _log_reports(
+    run: TrackedRun,
+    test_split: data.Split,
+    test: Evaluation,
+    result: FitResult,
+    per_class: dict[str, Any],
+    workdir: Path,
+) -> None:
+    """Per-class table, confusion matrix, misclassified digits, learning curves: reports/."""
+    labels, predictions = test_split.labels.numpy(), test.predictions.numpy()
+    folder = workdir / "reports"
+    folder.mkdir()
+    reports.write_per_class(per_class, folder)
+    reports.confusion_matrix_png(labels, predictions, folder / "confusion_matrix.png")
+    reports.misclassified_png(
+        test_split.images.numpy(),
+        labels,
+        predictions,
+        test.probabilities.numpy().astype(np.float64),
+        folder / "misclassified.png",
+    )
+    reports.learning_curves_png(result.step_losses, result.history, folder / "learning_curves.png")
+    run.log_folder(folder, "reports")
+
+
+def _log_weights(
+    run: TrackedRun,
+    train_config: TrainConfig,
+    resolved: dict[str, Any],
+    model: nn.Module,
+    workdir: Path,
+) -> None:
+    """The checkpoint, with what is needed to rebuild the network around the weights."""
+    weights = workdir / "model.pt"
+    torch.save(
+        {"arch": train_config.arch, "config": resolved, "state_dict": model.state_dict()}, weights
+    )
+    run.log_file(weights, "weights")
+
+
+# -- the whole job -----------------------------------------------------------------------
+
+
+def write_sample_digits(test: data.Split, folder: Path, count: int = 10) -> list[int]:
     """Save the first test digits as ordinary PNGs (dark ink on white, 4x larger, as a user's
     scan would be), so predicting them exercises the image path; returns their true labels."""
     from PIL import Image
 
-    test = data.load(data_config).test
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         digit = 255 - test.images[i, 0].numpy()
@@ -183,13 +247,20 @@ def run_pipeline(
     """The whole job: train and register, promote by evaluation, classify sample digits."""
     from mnistflow import inference, promotion
 
+    # Loaded (and verified) once, for training, the promotion's evaluation and the samples.
+    splits = data.load(data_config)
     summary = train_run(
-        data_config, train_config, tracking_config, progress, register_as=model_name
+        data_config, train_config, tracking_config, progress, model_name, splits=splits
     )
     decision = promotion.promote(
-        model_name, summary.registered_version, min_accuracy, margin, data_config
+        summary.tracking_uri,
+        model_name,
+        version=summary.registered_version,
+        min_accuracy=min_accuracy,
+        margin=margin,
+        test=splits.test,
     )
-    truth = write_sample_digits(data_config, samples)
+    truth = write_sample_digits(splits.test, samples)
     classifier, _ = inference.load_classifier(f"models:/{model_name}@champion")
     digits = inference.collect([samples])
     labels, _ = inference.classify(classifier, digits.all_pixels())

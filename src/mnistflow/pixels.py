@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 
 SHAPES = "(N, 28, 28), (N, 1, 28, 28), (N, 784) or one (28, 28)"
+# What a refused dtype is called in the message; others by their numpy name.
+KIND_NAMES = {"b": "true/false", "U": "text", "S": "bytes", "O": "mixed or missing values"}
 
 
 class PixelError(ValueError):
@@ -21,10 +23,12 @@ class PixelError(ValueError):
 def as_pixels(data: Any) -> np.ndarray:
     """Any accepted input as a float32 batch (N, 1, 28, 28) of finite values in 0-255.
 
-    Accepted: numbers (ints, unsigned ints, floats; not bools, strings or objects) shaped
-    (N, 28, 28), (N, 1, 28, 28), (N, 784) or one (28, 28) digit, N >= 1. The range is
-    checked in the precision given, before the cast to float32, which would round e.g.
-    255.00000000000003 to 255.0 and let it through.
+    Accepted: real numbers (ints, unsigned ints, floats) shaped (N, 28, 28),
+    (N, 1, 28, 28), (N, 784) or one (28, 28) digit, N >= 1. Refused, each with one
+    sentence: bools (true/false is no grey level, and a mask passed by mistake would
+    classify as a black image), text, missing values, ragged lists, other shapes, no digits,
+    NaN, infinity and values outside 0-255. The range is checked in the precision given,
+    before the cast to float32, which would round e.g. 255.00000000000003 to 255.0.
     """
     if hasattr(data, "to_numpy"):  # a pandas DataFrame, e.g. from MLflow's scoring server
         data = data.to_numpy()
@@ -34,28 +38,25 @@ def as_pixels(data: Any) -> np.ndarray:
         raise PixelError(
             "pixels must be numbers in nested lists of equal lengths (28x28 per digit)."
         ) from None
-    # Bools are refused: true/false is no grey level, and a mask passed by mistake would
-    # classify as a black image.
+    if array.size == 0:
+        raise PixelError("no digits given.")
     if array.dtype.kind not in "iuf":
-        raise PixelError(f"pixels must be numbers, not {_kind(array)}.")
-    if array.shape == (28, 28):
+        kind = KIND_NAMES.get(array.dtype.kind, str(array.dtype))
+        raise PixelError(f"pixels must be real numbers, not {kind}.")
+    given = array.shape
+    if given == (28, 28):
         array = array[None]
-    elif array.ndim == 2 and array.shape[1] == 784:
+    elif array.ndim == 2 and given[1] == 784:
         array = array.reshape(-1, 28, 28)
     if array.ndim == 3 and array.shape[1:] == (28, 28):
         array = array[:, None]
     if array.ndim != 4 or array.shape[1:] != (1, 28, 28):
-        raise PixelError(f"expected digits shaped {SHAPES}; got {tuple(np.shape(data))}.")
-    if len(array) == 0:
-        raise PixelError("no digits given.")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise PixelError("pixel values must be finite numbers (found NaN or infinity).")
+        raise PixelError(f"expected digits shaped {SHAPES}; got shape {given}.")
     low, high = array.min(), array.max()
-    if low < 0 or high > 255:
+    # NaN propagates through min and max and fails every comparison, so this one test
+    # catches NaN, infinity and out-of-range values; the messages tell them apart.
+    if not (low >= 0 and high <= 255):
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise PixelError("pixel values must be finite numbers (found NaN or infinity).")
         raise PixelError(f"pixel values must lie in 0-255; got {float(low)} to {float(high)}.")
     return np.ascontiguousarray(array, dtype=np.float32)
-
-
-def _kind(array: np.ndarray) -> str:
-    names = {"b": "true/false", "U": "text", "S": "bytes", "O": "mixed values"}
-    return names.get(array.dtype.kind, str(array.dtype))

@@ -6,25 +6,32 @@ Two rules, both checked by ``mlflow.validate_evaluation_results``:
   2. it is not worse than the champion's accuracy, measured now on the same images, by
      more than ``margin``. MLflow's MetricThreshold only takes positive changes against a
      baseline, so this rule is the threshold ``champion accuracy - margin``.
-Each evaluation is a nested run under one "promote" run, so the decision, its reason and
-the evidence sit together in the tracking store.
+Each evaluation is a nested run under one "promote" run in the ``mnist-promotion``
+experiment, so the decision, its reason and the evidence sit together in the tracking store.
+
+The decision is made on the test set: one registered version against another, each once.
+Choosing between many candidates (trials of a sweep, epochs) happens on the validation
+split during training; choosing among many on the test set would overfit it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import EvaluationResult, MetricThreshold
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 from mlflow.tracking import MlflowClient
 
-from mnistflow import data, registry
+from mnistflow import data, registry, tracking
 from mnistflow.config import MODEL_NAME, DataConfig, MnistflowError
 
 EXPERIMENT = "mnist-promotion"
@@ -40,7 +47,7 @@ class Evidence:
 
 @dataclass
 class Decision:
-    promoted: bool
+    promoted: bool  # whether @champion moved to the challenger
     reason: str
     model_name: str
     challenger_version: str
@@ -53,16 +60,42 @@ class Decision:
         return asdict(self)
 
 
+@contextlib.contextmanager
+def _fluent_store(tracking_uri: str) -> Iterator[None]:
+    """MLflow's fluent API (runs, evaluate, model loading) on tracking_uri for the block, and
+    the process-wide URI as it was afterwards: mlflow.models.evaluate logs only to the
+    active run of the global store."""
+    was_set = mlflow.is_tracking_uri_set()
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous if was_set else None)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _run(run_name: str, nested: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """A fluent run that ends KILLED on Ctrl-C (MLflow's own context says FAILED)."""
+    with mlflow.start_run(run_name=run_name, nested=nested) as run:
+        try:
+            yield run
+        except KeyboardInterrupt:
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
+
+
 def _pixel_frame(images: np.ndarray) -> pd.DataFrame:
     flat = images.reshape(len(images), 784).astype(np.float32)
     return pd.DataFrame(flat, columns=[f"px{i}" for i in range(784)])
 
 
 def _evaluate(
-    name: str, version: str, role: str, frame: pd.DataFrame
+    client: MlflowClient, name: str, version: str, role: str, frame: pd.DataFrame
 ) -> tuple[Evidence, EvaluationResult]:
     """mlflow.models.evaluate of one registered version, in a nested run."""
-    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    # Through the client's registry, not the process-wide one that models:/name/version uses.
+    model = mlflow.pyfunc.load_model(client.get_model_version_download_uri(name, version))
     classifier = model.unwrap_python_model()
 
     def predict(features: pd.DataFrame) -> np.ndarray:
@@ -71,7 +104,7 @@ def _evaluate(
         return np.asarray(labels)
 
     with (
-        mlflow.start_run(run_name=f"evaluate {name} v{version} ({role})", nested=True) as run,
+        _run(f"evaluate {name} v{version} ({role})", nested=True) as run,
         warnings.catch_warnings(),
     ):
         # MLflow hints that the integer label column cannot hold missing values; it never will.
@@ -93,16 +126,23 @@ def _evaluate(
 
 
 def promote(
+    tracking_uri: str,
     name: str = MODEL_NAME,
+    *,
     version: str | None = None,
     min_accuracy: float = 0.99,
     margin: float = 0.002,
     data_config: DataConfig | None = None,
-    client: MlflowClient | None = None,
+    test: data.Split | None = None,
 ) -> Decision:
-    """Evaluate the challenger (version, else @challenger) and the champion; move @champion
-    to the challenger only if it passes. A refusal leaves every alias as it was."""
-    client = client or MlflowClient()
+    """Evaluate the challenger (version, else @challenger) and the champion on the test set;
+    move @champion to the challenger only if it passes. A refusal leaves every alias as it
+    was.
+
+    tracking_uri: the store holding the registry and receiving the evaluation runs.
+    test: the test split when the caller has loaded MNIST already (else loaded here).
+    """
+    client = registry.client_for(tracking_uri)
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -123,60 +163,28 @@ def promote(
         ) from None
     champion = registry.alias_version(client, name, registry.CHAMPION)
 
-    test = data.load(data_config or DataConfig()).test
+    test = test if test is not None else data.load(data_config or DataConfig()).test
     frame = _pixel_frame(test.images.numpy())
     frame["label"] = test.labels.numpy()
 
-    mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=f"promote {name} v{challenger}") as parent:
-        mlflow.log_params(
-            {
-                "model_name": name,
-                "challenger_version": challenger,
-                "champion_version": champion or "none",
-                "min_accuracy": min_accuracy,
-                "margin": margin,
-            }
-        )
-        candidate, candidate_result = _evaluate(name, challenger, "challenger", frame)
-        evidence = [candidate]
-        thresholds = {
-            "accuracy_score": MetricThreshold(threshold=min_accuracy, greater_is_better=True)
-        }
-        reason = ""
-        try:
-            mlflow.validate_evaluation_results(thresholds, candidate_result)
-            if champion is not None and champion != challenger:
-                incumbent, _ = _evaluate(name, champion, "champion", frame)
-                evidence.append(incumbent)
-                floor = incumbent.metrics["accuracy_score"] - margin
-                mlflow.validate_evaluation_results(
-                    {"accuracy_score": MetricThreshold(threshold=floor, greater_is_better=True)},
-                    candidate_result,
-                )
-                reason = (
-                    f"v{challenger} accuracy {candidate.metrics['accuracy_score']:.4f} is at least "
-                    f"{min_accuracy:.4f} and within {margin:.4f} of champion v{champion} "
-                    f"({incumbent.metrics['accuracy_score']:.4f})."
-                )
-            else:
-                reason = (
-                    f"v{challenger} accuracy {candidate.metrics['accuracy_score']:.4f} is at "
-                    f"least {min_accuracy:.4f}"
-                    + (" and there is no champion yet." if champion is None else ".")
-                )
-            promoted = True
-        except ModelValidationFailedException:
-            promoted = False
-            reason = _refusal(challenger, evidence, min_accuracy, margin)
-
-        if promoted:
-            registry.make_champion(client, name, challenger, reason)
-            client.delete_registered_model_alias(name, registry.CHALLENGER)
-        else:
-            client.set_model_version_tag(name, challenger, "promotion_refused", reason)
-        mlflow.set_tags({"promoted": str(promoted).lower(), "reason": reason})
-        mlflow.log_metric("promoted", float(promoted))
+    with _fluent_store(tracking_uri):
+        tracking.use_experiment(EXPERIMENT)  # marked as model training in the UI
+        with _run(f"promote {name} v{challenger}") as parent:
+            mlflow.log_params(
+                {
+                    "model_name": name,
+                    "challenger_version": challenger,
+                    "champion_version": champion or "none",
+                    "min_accuracy": min_accuracy,
+                    "margin": margin,
+                    "test_size": len(test),
+                }
+            )
+            promoted, reason, evidence = _decide(
+                client, name, challenger, champion, frame, min_accuracy, margin
+            )
+            mlflow.set_tags({"promoted": str(promoted).lower(), "reason": reason})
+            mlflow.log_metric("promoted", float(promoted))
 
     return Decision(
         promoted=promoted,
@@ -188,6 +196,63 @@ def promote(
         evaluation_run_id=parent.info.run_id,
         evidence=evidence,
     )
+
+
+def _decide(
+    client: MlflowClient,
+    name: str,
+    challenger: str,
+    champion: str | None,
+    frame: pd.DataFrame,
+    min_accuracy: float,
+    margin: float,
+) -> tuple[bool, str, list[Evidence]]:
+    """Evaluate, validate, and move the aliases; returns (promoted, reason, evidence)."""
+    candidate, candidate_result = _evaluate(client, name, challenger, "challenger", frame)
+    evidence = [candidate]
+    accuracy = candidate.metrics["accuracy_score"]
+    try:
+        mlflow.validate_evaluation_results(
+            {"accuracy_score": MetricThreshold(threshold=min_accuracy, greater_is_better=True)},
+            candidate_result,
+        )
+        if champion is not None and champion != challenger:
+            incumbent, _ = _evaluate(client, name, champion, "champion", frame)
+            evidence.append(incumbent)
+            floor = incumbent.metrics["accuracy_score"] - margin
+            mlflow.validate_evaluation_results(
+                {"accuracy_score": MetricThreshold(threshold=floor, greater_is_better=True)},
+                candidate_result,
+            )
+    except ModelValidationFailedException:
+        reason = _refusal(challenger, evidence, min_accuracy, margin)
+        client.set_model_version_tag(name, challenger, "promotion_refused", reason)
+        return False, reason, evidence
+
+    if champion == challenger:
+        # Promoting the champion again would repeat it in the history: rollback would then
+        # "roll back" to the same version.
+        return (
+            False,
+            f"v{challenger} is already @champion (accuracy {accuracy:.4f}); nothing changed.",
+            evidence,
+        )
+    if len(evidence) == 2:
+        reason = (
+            f"v{challenger} accuracy {accuracy:.4f} is at least {min_accuracy:.4f} and within "
+            f"{margin:.4f} of champion v{champion} "
+            f"({evidence[1].metrics['accuracy_score']:.4f})."
+        )
+    else:
+        reason = (
+            f"v{challenger} accuracy {accuracy:.4f} is at least {min_accuracy:.4f} and there is "
+            "no champion yet."
+        )
+    registry.make_champion(client, name, challenger, reason)
+    # @challenger may name another version registered meanwhile, never evaluated: it stays.
+    if registry.alias_version(client, name, registry.CHALLENGER) == challenger:
+        client.delete_registered_model_alias(name, registry.CHALLENGER)
+    return True, reason, evidence
 
 
 def _refusal(challenger: str, evidence: list[Evidence], min_accuracy: float, margin: float) -> str:

@@ -3,7 +3,11 @@
     with TrackedRun(TrackingConfig(...)) as run:
         run.log_config(...); run.log_datasets(...)
         fit(config, train, val, reporter=run)
-        run.log_test(...); run.log_artifacts_dir(...)
+        run.log_results(...); run.log_folder(...)
+
+Before a run starts, use_store checks the store is the one asked for and usable (an MLflow
+server that answers as one, a SQLite file that exists unless it is to be created), and
+use_experiment marks the experiment as model training for the MLflow UI.
 
 Per-step metrics arrive in blocks (see train.fit) and go to the store in one log_batch
 call per block; with async logging that call only enqueues, so training never waits on the

@@ -6,6 +6,7 @@ slicing shuffled batches out of it: no per-sample Python, no DataLoader workers.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import dataclass, field
@@ -174,6 +175,11 @@ def fit(
         order = torch.randperm(n, generator=generator).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
+        # Everything alive before the loop is long-lived (in the CLI: MLflow, SQLAlchemy,
+        # pandas, ~630k objects): frozen, the full collections the loop's tensors trigger skip
+        # it. Measured: a full collection costs 0.31 s of CPU over the CLI's heap against
+        # 0.08 s over torch's alone, and the first fit in a process triggers one to three.
+        gc.freeze()
         try:
             for start in range(0, n, config.batch_size):
                 idx = order[start : start + config.batch_size]
@@ -198,6 +204,7 @@ def fit(
         finally:
             # Also on Ctrl-C: what was trained so far is reported, not dropped.
             steps.report()
+            gc.unfreeze()
         if not per_step_schedule:
             scheduler.step()
         if device.type == "cuda":

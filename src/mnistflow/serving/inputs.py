@@ -1,9 +1,10 @@
-"""Request bodies to pixel arrays, and every way they can be wrong as an ApiError.
+"""Request bodies to pixel arrays, and every way they can be wrong as an ApiError (the
+pixels themselves are checked by mnistflow.pixels, as in the model and in `predict`).
 
 The JSON path is kept lean on purpose: orjson parses the bytes and numpy converts the
-nested lists in one call (~30 us for a digit), where validating 784 numbers through
-pydantic models would cost more than the inference. The bodies are still described in the
-OpenAPI schema (see app.py), for the docs page and the schema fuzzing.
+nested lists in one call, where validating 784 numbers through pydantic models would cost
+more than the inference. The bodies are still described in the OpenAPI schema (see
+schemas.py), for the docs page and the schema fuzzing.
 """
 
 from __future__ import annotations
@@ -15,26 +16,14 @@ import numpy as np
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mnistflow.pixels import as_pixels
 from mnistflow.preprocess import image_to_digit
+from mnistflow.serving.errors import ApiError
 
-PIXELS_PER_DIGIT = 28 * 28
 # The request formats of `mlflow models serve`; dataframe_records is left out because
 # MLflow cannot apply it to this model's tensor signature either.
 INVOCATION_FORMATS = ("inputs", "instances", "dataframe_split")
 SPLIT_FIELDS = {"columns", "data", "index"}
-
-
-class ApiError(Exception):
-    """A request the service refuses: an HTTP status and one sentence for the client.
-
-    mlflow_code: the error_code /invocations reports, when not the status's usual one.
-    """
-
-    def __init__(self, status: int, message: str, mlflow_code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.mlflow_code = mlflow_code
 
 
 class BodyLimitMiddleware:
@@ -122,39 +111,15 @@ def predict_pixels(payload: Any) -> Any:
 
 
 def as_array(data: Any, max_images: int) -> np.ndarray:
-    """Nested lists of numbers -> float32 array, refusing too many digits before any work.
-
-    The shape and finiteness are checked by the model's classify().
-    """
-    try:
-        array = np.asarray(data)
-    except (ValueError, RecursionError):  # ragged lists, or nested too deep
-        array = None
-    # Numbers only: numpy would happily turn true, null or "12" into a pixel.
-    if array is None or array.dtype.kind not in "iuf":
-        raise ApiError(
-            400, "pixels must be numbers in nested lists of equal lengths (28x28 per digit)."
-        )
-    if array.size > max_images * PIXELS_PER_DIGIT:
+    """Nested lists of numbers -> float32 (N, 1, 28, 28), checked by as_pixels (whose
+    PixelError the app answers with 400), and at most max_images digits."""
+    pixels = as_pixels(data)
+    if len(pixels) > max_images:
         raise ApiError(
             400,
-            f"too many digits in one request: {array.size // PIXELS_PER_DIGIT} given, at most "
-            f"{max_images} allowed.",
+            f"too many digits in one request: {len(pixels)} given, at most {max_images} allowed.",
         )
-    # The range is checked before the cast to float32, which rounds e.g. 255.00000000000003
-    # to 255.0 and would let a value outside the documented 0-255 through (found by the
-    # schema fuzzing). classify() checks the same, but models logged before it did may be
-    # served, and this schema is the server's own. NaN passes these comparisons; classify()
-    # refuses it.
-    if array.size and (array.min() < 0 or array.max() > 255):
-        raise ApiError(
-            400,
-            f"pixel values must lie in 0-255; got {float(array.min())} to {float(array.max())}.",
-            mlflow_code="INVALID_PARAMETER_VALUE",
-        )
-    # Numbers past float32's range become inf, which classify() refuses; no warning.
-    with np.errstate(over="ignore"):
-        return array.astype(np.float32, copy=False)
+    return pixels
 
 
 def images_to_pixels(images: Sequence[tuple[str, bytes]]) -> np.ndarray:

@@ -47,6 +47,14 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(ModelCollector(follower))
+        # handler -> its batch-size series; labels() takes a lock and validates every call.
+        self.batches: dict[str, Histogram] = {}
+
+    def observe_batch(self, handler: str, digits: int) -> None:
+        series = self.batches.get(handler)
+        if series is None:
+            series = self.batches[handler] = self.batch_size.labels(handler)
+        series.observe(digits)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

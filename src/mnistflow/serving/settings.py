@@ -27,6 +27,6 @@ class ServeConfig:
     # A version that failed to load is tried again after this long (the alias may have
     # pointed at it before its artifacts were uploaded).
     retry_failed_seconds: float = 60.0
-    # uvicorn's per-request access log costs ~10% of throughput; off unless asked for.
+    # uvicorn's per-request access log costs measurable throughput; off unless asked for.
     access_log: bool = False
     log_level: str = "info"

@@ -1,0 +1,98 @@
+"""Every refusal and failure as one JSON sentence: the error shapes and the app's handlers.
+
+What the client got wrong is a 4xx: an ApiError raised by the service, or a PixelError from
+the pixel check (mnistflow.pixels). Anything else is the server's fault: a 500 that says
+only that the server log has the details.
+
+/invocations answers in the shape of MLflow's scoring server, ``{"error_code", "message"}``,
+which clients of `mlflow models serve` already read; the other routes say ``{"error"}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException
+
+from mnistflow.pixels import PixelError
+
+# The error codes MLflow's scoring server puts in its JSON errors, by HTTP status.
+MLFLOW_ERROR_CODES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHENTICATED",
+    404: "ENDPOINT_NOT_FOUND",
+    500: "INTERNAL_ERROR",
+    503: "TEMPORARILY_UNAVAILABLE",
+}
+# What MLflow reports for input its model refuses (a wrong shape, say).
+INVALID_INPUT = "INVALID_PARAMETER_VALUE"
+
+
+class ApiError(Exception):
+    """A request the service refuses (or fails): an HTTP status and one sentence.
+
+    mlflow_code: the error_code /invocations reports, when not the status's usual one.
+    """
+
+    def __init__(self, status: int, message: str, mlflow_code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.mlflow_code = mlflow_code
+
+
+def error_response(
+    request: Request,
+    status: int,
+    message: str,
+    headers: Any = None,
+    mlflow_code: str | None = None,
+) -> Response:
+    """The JSON error for this request's route: MLflow's shape on /invocations."""
+    message = message[:1].upper() + message[1:]
+    body: dict[str, str]
+    if request.scope["path"] == "/invocations":
+        fallback = "BAD_REQUEST" if status < 500 else "INTERNAL_ERROR"
+        code = mlflow_code or MLFLOW_ERROR_CODES.get(status, fallback)
+        body = {"error_code": code, "message": message}
+    else:
+        body = {"error": message}
+    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+
+
+async def api_error(request: Request, exc: ApiError) -> Response:
+    return error_response(request, exc.status, exc.message, mlflow_code=exc.mlflow_code)
+
+
+async def pixel_error(request: Request, exc: PixelError) -> Response:
+    return error_response(request, 400, str(exc), mlflow_code=INVALID_INPUT)
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    message = str(exc.detail)
+    if exc.status_code == 404:
+        message = f"there is no {request.scope['path']} here; see /docs for the endpoints."
+    return error_response(request, exc.status_code, message, exc.headers)
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+    first = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
+    return error_response(request, 422, str(first.get("msg")))
+
+
+async def unexpected(request: Request, exc: Exception) -> Response:
+    # Starlette re-raises after this response is sent, so uvicorn logs the traceback.
+    return error_response(request, 500, "internal server error; the server log has the details.")
+
+
+def add_handlers(app: FastAPI) -> None:
+    """Install the handlers: every error the app can meet answers in one JSON shape."""
+    app.exception_handler(ApiError)(api_error)
+    app.exception_handler(PixelError)(pixel_error)
+    app.exception_handler(HTTPException)(http_error)
+    app.exception_handler(RequestValidationError)(validation_error)
+    app.exception_handler(Exception)(unexpected)
