@@ -828,7 +828,7 @@ def _finish_best(
     import torch
     from optuna.trial import TrialState
 
-    from mnistflow import data, models, registry, reports
+    from mnistflow import data, logged_models, models, reports
     from mnistflow.tracking import TrackedRun, download_artifact, get_run, set_run_tags
     from mnistflow.train import evaluate
 
@@ -872,7 +872,7 @@ def _finish_best(
             tracking, resume_run_id=run_id, parent_run_id=None, system_metrics=False
         )
         with TrackedRun(resume) as run:
-            logged = registry.log_models(network, splits.test.images[:256], out)
+            logged = logged_models.log_torch_models(network, splits.test.images[:256], out)
             final["onnx_max_abs_diff"] = logged.onnx_max_abs_diff
             run.log_results(test.accuracy, final, logged.model_id)
             report_dir = out / "reports"
@@ -967,7 +967,10 @@ def run_sweep(config: SweepConfig, tracking: TrackingConfig | None = None) -> Sw
         wall_seconds=time.perf_counter() - started,
     )
     if config.register_as:
-        version = registry.register(summary.best_run_id, config.register_as, model_uri)
+        client = registry.client_for(summary.tracking_uri)
+        # A logged model's URI is models:/<model id>.
+        model_id = model_uri.removeprefix("models:/")
+        version = registry.register(client, summary.best_run_id, config.register_as, model_id)
         summary.registered_model = config.register_as
         summary.registered_version = str(version.version)
     return summary
