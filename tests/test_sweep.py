@@ -281,17 +281,19 @@ def sweep_json(stdout: str) -> dict[str, Any]:
 def test_ctrl_c_kills_running_trials_and_a_later_command_resumes(tmp_path, spawn, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["--study", "stopped", "--tracking-uri", uri]
+    # The store exists before the command starts: polling it below while MLflow creates its
+    # tables in the command would race on the table creation.
+    client = MlflowClient(uri)
+    client.search_experiments()
     proc = spawn(
         [*MNISTFLOW, "sweep", *common, "--trials", "20", "--workers", "2", *SLICE], cwd=tmp_path
     )
-    client = MlflowClient(uri)
     deadline = time.monotonic() + 300
     running: list[Any] = []
     while not running:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(1)
-        with_db = (tmp_path / "mlflow.db").exists()
-        experiment = client.get_experiment_by_name("mnist") if with_db else None
+        experiment = client.get_experiment_by_name("mnist")
         if experiment is not None:
             runs = client.search_runs([experiment.experiment_id])
             running = [
