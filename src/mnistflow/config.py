@@ -217,6 +217,11 @@ class TrackingConfig:
     # local spool), and how long the end of the command waits for a server that went away.
     require_server: bool = False
     wait_for_server_seconds: float = 60.0
+    # Nest the run under this one (a sweep's trials): by id, since the parent may be active
+    # in another process.
+    parent_run_id: str | None = None
+    # Reopen this existing run instead of starting a new one (a sweep's best trial).
+    resume_run_id: str | None = None
 
 
 def as_dict(config: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import time
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
@@ -30,7 +31,7 @@ from typing import Any
 
 import mlflow
 from mlflow.data.numpy_dataset import from_numpy
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -257,7 +258,10 @@ class TrackedRun(Reporter):
         self.sync_result: spool.SyncResult | None = None
         experiment = self.config.experiment
         project_run = None
-        if spool.is_remote(self.tracking_uri):
+        # A sweep's trials nest under (or reopen) runs on the server itself: they are
+        # logged there directly, not spooled.
+        nested = self.config.parent_run_id or self.config.resume_run_id
+        if spool.is_remote(self.tracking_uri) and not nested:
             # Training writes only to the local spool; the server gets a copy (spool.py).
             self.spooled = spool.Session(self.tracking_uri, self.config.require_server)
             # The run an MLflow Project started on the server is the one the copy completes;
@@ -282,9 +286,11 @@ class TrackedRun(Reporter):
             # Under an MLflow Project the project's run and experiment win over ours.
             use_experiment(experiment)
             run = mlflow.start_run(
+                run_id=self.config.resume_run_id,
                 run_name=self.config.run_name,
                 description=self.config.description,
                 log_system_metrics=self.config.system_metrics,
+                parent_run_id=self.config.parent_run_id,
             )
         except MlflowException as e:
             raise MnistflowError(
@@ -425,3 +431,95 @@ class TrackedRun(Reporter):
 
     def log_metrics(self, metrics: Mapping[str, float], model_id: str | None = None) -> None:
         mlflow.log_metrics(dict(metrics), synchronous=self.synchronous, model_id=model_id)
+
+
+class ParentRun:
+    """A run driven through an explicit client and never made the active run: a sweep's
+    parent, under which trials in other processes (or on other machines) nest by its id."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    @classmethod
+    def start(cls, config: TrackingConfig) -> ParentRun:
+        """A new RUNNING run in config.experiment (created when missing)."""
+        uri = use_store(config.tracking_uri, create=True)
+        client = MlflowClient(uri)
+        try:
+            experiment_id = use_experiment(config.experiment)
+            tags = dict(config.tags)
+            if config.description:
+                tags["mlflow.note.content"] = config.description
+            run = client.create_run(experiment_id, run_name=config.run_name, tags=tags)
+        except MlflowException as e:
+            raise MnistflowError(
+                f"MLflow refused to start a run in experiment {config.experiment!r} at {uri}: "
+                f"{e.message}"
+            ) from e
+        return cls(client, run.info.run_id)
+
+    @classmethod
+    def join(cls, tracking_uri: str | None, run_id: str) -> ParentRun:
+        """An existing run, set RUNNING again (it may have ended with an earlier command)."""
+        uri = use_store(tracking_uri, create=True)
+        client = MlflowClient(uri)
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise MnistflowError(
+                f"Run {run_id} is not in the tracking store {uri}; point --tracking-uri at "
+                "the store this study was started with."
+            ) from None
+        client.update_run(run_id, status="RUNNING")
+        return cls(client, run_id)
+
+    @property
+    def experiment_id(self) -> str:
+        return str(self.client.get_run(self.run_id).info.experiment_id)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.client.log_batch(
+            self.run_id, params=[Param(key, str(value)) for key, value in params.items()]
+        )
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()],
+        )
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(
+            self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()]
+        )
+
+    def log_folder(self, folder: Path, artifact_path: str) -> None:
+        try:
+            self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+        except (OSError, MlflowException) as e:
+            raise MnistflowError(f"Cannot write artifacts of run {self.run_id} ({e}).") from e
+
+    def end(self, status: str) -> None:
+        """End the run FINISHED, KILLED or FAILED."""
+        self.client.set_terminated(self.run_id, status)
+
+
+def set_run_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    """Tag a run, ended or not, through the tracking URI in force."""
+    MlflowClient().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
+def get_run(run_id: str) -> Any:
+    """A run's record (info and data) through the tracking URI in force."""
+    return MlflowClient().get_run(run_id)
+
+
+def download_artifact(run_id: str, artifact_path: str, folder: Path) -> Path:
+    """One artifact of a run, downloaded into folder."""
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(folder)
+        )
+    )
