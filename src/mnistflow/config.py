@@ -124,6 +124,8 @@ class TrackingConfig:
     tracking_uri: str | None = None
     experiment: str = "mnist"
     run_name: str | None = None
+    # Continue this existing run (the Lightning engine's --resume) instead of starting one.
+    run_id: str | None = None
     description: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     async_logging: bool = True

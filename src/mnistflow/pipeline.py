@@ -6,6 +6,7 @@ import dataclasses
 import json
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,47 +92,10 @@ def train_run(
             Tee(run, progress) if progress else run,
         )
 
-        test = evaluate(result.model, splits.test)
-        labels = splits.test.labels.numpy()
-        predictions = test.predictions.numpy()
-        per_class = reports.per_class(labels, predictions)
-        final = {
-            "test_loss": test.loss,
-            "test_macro_f1": per_class["macro avg"]["f1-score"],
-            **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
-            "train_seconds": result.train_seconds,
-        }
-        logged = registry.log_models(result.model, splits.test.images[:256], out)
-        final["onnx_max_abs_diff"] = logged.onnx_max_abs_diff
-        run.log_results(test.accuracy, final, logged.model_id)
-
-        report_dir = out / "reports"
-        report_dir.mkdir()
-        reports.write_per_class(per_class, report_dir)
-        reports.confusion_matrix_png(labels, predictions, report_dir / "confusion_matrix.png")
-        reports.misclassified_png(
-            splits.test.images.numpy(),
-            labels,
-            predictions,
-            test.probabilities.numpy().astype(np.float64),
-            report_dir / "misclassified.png",
-        )
-        reports.learning_curves_png(
-            result.step_losses, result.history, report_dir / "learning_curves.png"
-        )
-        run.log_folder(report_dir, "reports")
-
-        # The checkpoint carries what is needed to rebuild the network around the weights.
-        weights = out / "model.pt"
-        torch.save(
-            {
-                "arch": train_config.arch,
-                "config": resolved,
-                "state_dict": result.model.state_dict(),
-            },
-            weights,
-        )
-        run.log_file(weights, "weights")
+        logged = record_outcome(
+            run, result.model, splits, resolved, out, result.step_losses, result.history,
+            result.train_seconds,
+        )  # fmt: skip
 
         total = time.perf_counter() - started
         run.log_metrics({"total_seconds": total})
@@ -142,17 +106,82 @@ def train_run(
             artifact_uri=run.artifact_uri,
             preset=train_config.preset,
             device=train_config.device,
-            test_accuracy=test.accuracy,
-            test_macro_f1=final["test_macro_f1"],
+            test_accuracy=logged.test_accuracy,
+            test_macro_f1=logged.test_macro_f1,
             train_seconds=result.train_seconds,
             total_seconds=total,
-            model_uri=logged.model_uri,
+            model_uri=logged.models.model_uri,
         )
     if register_as:
         # After the run has ended: a version points at a finished run.
-        version = registry.register(summary.run_id, register_as, logged.model_uri)
+        version = registry.register(summary.run_id, register_as, summary.model_uri)
         summary.registered_model, summary.registered_version = register_as, str(version.version)
     return summary
+
+
+@dataclass
+class Outcome:
+    """What record_outcome logged: the headline test metrics and the logged models."""
+
+    test_accuracy: float
+    test_macro_f1: float
+    models: registry.LoggedModels
+
+
+def record_outcome(
+    run: TrackedRun,
+    model: torch.nn.Module,
+    splits: data.MnistSplits,
+    resolved: dict[str, Any],
+    out: Path,
+    step_losses: Sequence[float],
+    history: Sequence[Mapping[str, float]],
+    train_seconds: float,
+    test_metrics: Mapping[str, float] | None = None,
+) -> Outcome:
+    """After training, whatever trained the network: test metrics, the models, the reports
+    and the weights, all into the active run.
+
+    test_metrics: test_accuracy and test_loss already computed elsewhere (the Lightning
+    engine's, reduced over all processes); else they come from evaluating model here.
+    """
+    test = evaluate(model, splits.test)
+    accuracy = test_metrics["test_accuracy"] if test_metrics else test.accuracy
+    labels = splits.test.labels.numpy()
+    predictions = test.predictions.numpy()
+    per_class = reports.per_class(labels, predictions)
+    final = {
+        "test_loss": test_metrics["test_loss"] if test_metrics else test.loss,
+        "test_macro_f1": per_class["macro avg"]["f1-score"],
+        **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
+        "train_seconds": train_seconds,
+    }
+    logged = registry.log_models(model, splits.test.images[:256], out)
+    final["onnx_max_abs_diff"] = logged.onnx_max_abs_diff
+    run.log_results(accuracy, final, logged.model_id)
+
+    report_dir = out / "reports"
+    report_dir.mkdir()
+    reports.write_per_class(per_class, report_dir)
+    reports.confusion_matrix_png(labels, predictions, report_dir / "confusion_matrix.png")
+    reports.misclassified_png(
+        splits.test.images.numpy(),
+        labels,
+        predictions,
+        test.probabilities.numpy().astype(np.float64),
+        report_dir / "misclassified.png",
+    )
+    reports.learning_curves_png(step_losses, history, report_dir / "learning_curves.png")
+    run.log_folder(report_dir, "reports")
+
+    # The checkpoint carries what is needed to rebuild the network around the weights.
+    weights = out / "model.pt"
+    torch.save(
+        {"arch": resolved["train"]["arch"], "config": resolved, "state_dict": model.state_dict()},
+        weights,
+    )
+    run.log_file(weights, "weights")
+    return Outcome(accuracy, final["test_macro_f1"], logged)
 
 
 def write_sample_digits(data_config: DataConfig, folder: Path, count: int = 10) -> list[int]:

@@ -108,6 +108,7 @@ class TrackedRun(Reporter):
         try:
             experiment = mlflow.set_experiment(self.config.experiment)
             run = mlflow.start_run(
+                run_id=self.config.run_id,
                 run_name=self.config.run_name,
                 description=self.config.description,
                 log_system_metrics=self.config.system_metrics,
