@@ -144,6 +144,8 @@ def main() -> None:
     """An MNIST classifier whose whole life runs on MLflow: train, track, register, serve."""
     # MLflow's INFO lines would drown the progress bar; its warnings still show.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # Lightning's INFO lines (devices found, tips, "max_epochs reached") likewise.
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
 
 
 # -- shared options ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +238,18 @@ class LoggedCheckpoint(ModelCheckpoint):
         )
         self.on_saved = on_saved
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the best score when resuming, though the files now live in a new folder."""
+
+        def moved(path: str) -> str:
+            return str(Path(str(self.dirpath)) / Path(path).name) if path else path
+
+        state = dict(state_dict, dirpath=self.dirpath)
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            state[key] = moved(state.get(key, ""))
+        state["best_k_models"] = {moved(k): v for k, v in state.get("best_k_models", {}).items()}
+        super().load_state_dict(state)
+
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         if trainer.is_global_zero and self.on_saved is not None:
@@ -368,10 +381,14 @@ def fit(
     # Lightning ignores Ctrl-C once it has seen one; the handler comes back after.
     sigint = signal.getsignal(signal.SIGINT)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-        if before_test is not None:
-            before_test(trainer)
-        (test_metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
+        with warnings.catch_warnings():
+            # The epoch metrics are logged already reduced (torchmetrics' compute), so
+            # Lightning's advice to sync_dist them does not apply.
+            warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+            if before_test is not None:
+                before_test(trainer)
+            (test_metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
     except SystemExit:
         if interrupted.seen:
             raise KeyboardInterrupt from None
