@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -39,6 +40,10 @@ JOB_ENV = "MNISTFLOW_DDP_JOB"
 # Where non-zero ranks "log": no tracking store is registered for this scheme.
 NO_STORE = "rank-nonzero-must-not-log://"
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
+NO_RESUME_HERE = (
+    "--resume works with Lightning's own launcher (--devices N on one machine) only; under "
+    "torchrun the other processes cannot get the checkpoint rank 0 downloads."
+)
 # Autolog's step metrics (train_loss, lr) every this many steps; 1 matches the plain loop.
 LOG_EVERY_N_STEP = 1
 
@@ -63,8 +68,10 @@ def train_run(
 
     if devices < 1 or num_nodes < 1:
         raise MnistflowError("--devices and --num-nodes must be at least 1.")
+    if resume and torch.distributed.is_torchelastic_launched():
+        raise MnistflowError(NO_RESUME_HERE)
     if lightning_train.process_rank(devices) != 0:
-        _follow(data_config, train_config, devices, num_nodes, callbacks)
+        _follow(data_config, train_config, devices, num_nodes, resume, callbacks)
         return None
 
     started = time.perf_counter()
@@ -179,6 +186,7 @@ def _follow(
     train_config: TrainConfig,
     devices: int,
     num_nodes: int,
+    resume: str | None,
     callbacks: Sequence[pl.Callback],
 ) -> None:
     """A non-zero rank: train and test alongside rank 0, and never touch an MLflow store."""
@@ -193,6 +201,9 @@ def _follow(
         train_config = TrainConfig(**spec["train"])
         data_config = dataclasses.replace(data_config, **spec["data"])
         checkpoint = Path(spec["checkpoint"]) if spec["checkpoint"] else None
+    elif resume:
+        # Started by torchrun or another launcher: rank 0's downloaded checkpoint is not here.
+        raise MnistflowError(NO_RESUME_HERE)
     splits = data.load(data_config)
     with tempfile.TemporaryDirectory(prefix="mnistflow-rank-") as tmp:
         lightning_train.fit(
