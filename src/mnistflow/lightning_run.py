@@ -74,15 +74,40 @@ def train_run(
         _follow(data_config, train_config, devices, num_nodes, resume, callbacks)
         return None
 
+    with tempfile.TemporaryDirectory(prefix="mnistflow-lightning-") as folder:
+        summary = _rank_zero(
+            data_config, train_config, tracking_config, devices, num_nodes, resume, progress,
+            callbacks, Path(folder),
+        )  # fmt: skip
+    if register_as:
+        # After the run has ended: a version points at a finished run.
+        version = registry.register(summary.run_id, register_as, summary.model_uri)
+        summary.registered_model, summary.registered_version = register_as, str(version.version)
+    return summary
+
+
+def _rank_zero(
+    data_config: DataConfig,
+    train_config: TrainConfig,
+    tracking_config: TrackingConfig,
+    devices: int,
+    num_nodes: int,
+    resume: str | None,
+    progress: Reporter | None,
+    callbacks: Sequence[pl.Callback],
+    tmp: Path,
+) -> TrainSummary:
+    """The process that records the run: everything train_run promises, tmp its scratch folder."""
+    from mnistflow import lightning_train
+
     started = time.perf_counter()
     checkpoint: Path | None = None
-    tmp = Path(tempfile.mkdtemp(prefix="mnistflow-lightning-"))
     if resume:
         tracking_config, train_config, data_config, checkpoint = _resumed(
             resume, tracking_config, data_config, tmp
         )
     splits = data.load(data_config)
-    device = lightning_train.accelerator(train_config.device).replace("gpu", "cuda")
+    device = "cuda" if lightning_train.accelerator(train_config.device) == "gpu" else "cpu"
     train_config = dataclasses.replace(train_config, device=device)  # type: ignore[arg-type]
     resolved = {
         "train": as_dict(train_config),
@@ -96,82 +121,72 @@ def train_run(
         "engine": {"name": "lightning", "devices": devices, "num_nodes": num_nodes},
         "tracking": as_dict(tracking_config),
     }
-    # The other local processes read this when Lightning's launcher starts them.
-    os.environ[JOB_ENV] = json.dumps(
-        {
-            "train": as_dict(train_config),
-            "data": {k: v for k, v in as_dict(data_config).items() if k not in ("data_dir",)},
-            "checkpoint": str(checkpoint) if checkpoint else None,
-        }
-    )
-    try:
-        with TrackedRun(tracking_config) as run:
-            if not resume:
-                config_file = tmp / "config.json"
-                config_file.write_text(json.dumps(resolved, indent=2, default=str))
-                run.log_config(resolved, config_file)
-                tags = {"engine": "lightning", "world_size": str(devices * num_nodes)}
-                run.set_tags(train_config.preset, device, {**tags, **tracking_config.tags})
-                run.log_datasets(splits)
+    with TrackedRun(tracking_config) as run:
+        if not resume:
+            config_file = tmp / "config.json"
+            config_file.write_text(json.dumps(resolved, indent=2, default=str))
+            run.log_config(resolved, config_file)
+            tags = {"engine": "lightning", "world_size": str(devices * num_nodes)}
+            run.set_tags(train_config.preset, device, {**tags, **tracking_config.tags})
+            run.log_datasets(splits)
 
-            # Autolog's own model would be named "model" too (it is not configurable), and
-            # `register RUN_ID` looks the served model up by that name; log_models below logs
-            # the same trained network as the `pytorch` flavour. Checkpoints are ours
-            # (best by val_accuracy, and the last one for --resume).
-            mlflow.pytorch.autolog(
-                log_every_n_step=LOG_EVERY_N_STEP,
-                log_models=False,
-                log_datasets=False,
-                checkpoint=False,
-                silent=True,
+        # Autolog's own model would be named "model" too (it is not configurable), and
+        # `register RUN_ID` looks the served model up by that name; log_models below logs
+        # the same trained network as the `pytorch` flavour. Checkpoints are ours
+        # (best by val_accuracy, and the last one for --resume).
+        mlflow.pytorch.autolog(
+            log_every_n_step=LOG_EVERY_N_STEP,
+            log_models=False,
+            log_datasets=False,
+            checkpoint=False,
+            silent=True,
+        )
+        # The other local processes read this when Lightning's launcher starts them.
+        job = {"train": as_dict(train_config), "data": as_dict(data_config)}
+        job["data"].pop("data_dir")
+        os.environ[JOB_ENV] = json.dumps(
+            {**job, "checkpoint": str(checkpoint) if checkpoint else None}
+        )
+        try:
+            result = lightning_train.fit(
+                train_config,
+                splits.train,
+                splits.val,
+                splits.test,
+                tmp / "checkpoints",
+                devices,
+                num_nodes,
+                reporter=progress,
+                on_checkpoint=lambda path: run.log_file(path, "checkpoints"),
+                resume_from=checkpoint,
+                callbacks=callbacks,
+                before_test=_stop_autolog,
             )
-            try:
-                result = lightning_train.fit(
-                    train_config,
-                    splits.train,
-                    splits.val,
-                    splits.test,
-                    tmp / "checkpoints",
-                    devices,
-                    num_nodes,
-                    reporter=progress,
-                    on_checkpoint=lambda path: run.log_file(path, "checkpoints"),
-                    resume_from=checkpoint,
-                    callbacks=callbacks,
-                    before_test=_stop_autolog,
-                )
-            finally:
-                mlflow.pytorch.autolog(disable=True)
-                os.environ.pop(JOB_ENV, None)
+        finally:
+            mlflow.pytorch.autolog(disable=True)
+            os.environ.pop(JOB_ENV, None)
 
-            mlflow.flush_async_logging()
-            step_losses, history = _curves(run.client, run.run_id)
-            outcome = record_outcome(
-                run, result.model, splits, resolved, tmp, step_losses, history,
-                result.train_seconds, result.test_metrics,
-            )  # fmt: skip
-            total = time.perf_counter() - started
-            run.log_metrics({"total_seconds": total})
-            summary = TrainSummary(
-                run_id=run.run_id,
-                experiment_id=run.experiment_id,
-                tracking_uri=run.tracking_uri,
-                artifact_uri=run.artifact_uri,
-                preset=train_config.preset,
-                device=device,
-                test_accuracy=outcome.test_accuracy,
-                test_macro_f1=outcome.test_macro_f1,
-                train_seconds=result.train_seconds,
-                total_seconds=total,
-                model_uri=outcome.models.model_uri,
-            )
-    finally:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    if register_as:
-        version = registry.register(summary.run_id, register_as, summary.model_uri)
-        summary.registered_model, summary.registered_version = register_as, str(version.version)
+        mlflow.flush_async_logging()
+        step_losses, history = _curves(run.client, run.run_id)
+        outcome = record_outcome(
+            run, result.model, splits, resolved, tmp, step_losses, history,
+            result.train_seconds, result.test_metrics,
+        )  # fmt: skip
+        total = time.perf_counter() - started
+        run.log_metrics({"total_seconds": total})
+        summary = TrainSummary(
+            run_id=run.run_id,
+            experiment_id=run.experiment_id,
+            tracking_uri=run.tracking_uri,
+            artifact_uri=run.artifact_uri,
+            preset=train_config.preset,
+            device=device,
+            test_accuracy=outcome.test_accuracy,
+            test_macro_f1=outcome.test_macro_f1,
+            train_seconds=result.train_seconds,
+            total_seconds=total,
+            model_uri=outcome.models.model_uri,
+        )
     return summary
 
 

@@ -13,7 +13,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -257,15 +257,13 @@ class LoggedCheckpoint(ModelCheckpoint):
 
 
 class Progress(pl.Callback):
-    """Hands steps and epochs to a Reporter (the CLI's progress bar), as the plain loop does,
-    and keeps the per-step losses and per-epoch metrics for the learning curves."""
+    """Hands steps and epochs to a Reporter (the CLI's progress bar), as the plain loop does."""
 
     def __init__(self, reporter: Reporter, every: int) -> None:
         self.reporter, self.every = reporter, every
+        # Losses stay tensors until a block is reported: one device sync per block.
         self.losses: list[torch.Tensor] = []
         self.first_step = 0
-        self.step_losses: list[float] = []
-        self.history: list[dict[str, float]] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.first_step = trainer.global_step
@@ -282,7 +280,6 @@ class Progress(pl.Callback):
         if not self.losses:
             return
         losses = torch.stack(self.losses).tolist()
-        self.step_losses.extend(losses)
         now = int(time.time() * 1000)
         self.reporter.log_steps(self.first_step, {"train_loss": losses}, [now] * len(losses))
         self.first_step += len(losses)
@@ -296,7 +293,6 @@ class Progress(pl.Callback):
             "train_accuracy": m["epoch_train_accuracy"],
             **{k: m[k] for k in ("val_loss", "val_accuracy", "epoch_seconds", "images_per_second")},
         }
-        self.history.append(metrics)
         self.reporter.log_epoch(trainer.current_epoch + 1, metrics)
 
 
@@ -317,8 +313,6 @@ class LightningResult:
     model: nn.Module
     train_seconds: float
     test_metrics: dict[str, float]  # test_loss, test_accuracy, reduced over all processes
-    step_losses: list[float] = field(default_factory=list)
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def accelerator(device: str) -> str:
@@ -406,6 +400,4 @@ def fit(
         model=module.network,
         train_seconds=module.train_seconds,
         test_metrics={k: float(v) for k, v in test_metrics.items()},
-        step_losses=progress.step_losses if progress else [],
-        history=progress.history if progress else [],
     )
