@@ -8,6 +8,7 @@ compared. Training time is each engine's `train_seconds` (the training loops onl
 loading, validation and logging the models excluded); the whole command's time is shown too.
 
 Usage: python benchmarks/bench_engines.py [--rounds 3] [--preset fast] [--seed 0]
+       [--limit-train N]  (a quick check on N training images; the README's numbers use all)
 Prints the README's Markdown table and writes benchmarks/results/engines.json.
 """
 
@@ -34,9 +35,12 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 
-def train(args: list[str], preset: str, seed: int, folder: Path) -> dict[str, Any]:
+def train(
+    args: list[str], preset: str, seed: int, folder: Path, limit: int | None
+) -> dict[str, Any]:
     """One `mnistflow train` in a fresh process; its --json line."""
     command = [sys.executable, "-m", "mnistflow", "train", "--preset", preset]
+    command += ["--limit-train", str(limit)] if limit else []
     command += ["--seed", str(seed), "--device", "cpu", "--no-system-metrics", "--json"]
     command += ["--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}", *args]
     started = time.perf_counter()
@@ -57,13 +61,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each configuration")
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--limit-train", type=int, help="train on N images only: a quick check, not the result"
+    )
     options = parser.parse_args()
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
     with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
         for round_ in range(options.rounds):
             for name, args in CONFIGS.items():
-                result = train(args, options.preset, options.seed, Path(tmp))
+                result = train(args, options.preset, options.seed, Path(tmp), options.limit_train)
                 runs[name].append(result)
                 print(
                     f"round {round_ + 1}: {name}: train {result['train_seconds']:.1f} s, "
@@ -99,12 +106,17 @@ def main() -> None:
         )
     )
     print(
-        f"\n{options.preset} preset, seed {options.seed}, full MNIST, {options.rounds} rounds "
+        f"\n{options.preset} preset, seed {options.seed}, "
+        f"{options.limit_train or 'all'} training images, {options.rounds} rounds "
         f"interleaved; {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})."
     )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "engines.json").write_text(
-        json.dumps({"preset": options.preset, "seed": options.seed, **summary}, indent=2)
+        json.dumps(
+            {"preset": options.preset, "seed": options.seed, "limit_train": options.limit_train}
+            | summary,
+            indent=2,
+        )
     )
 
 
