@@ -58,8 +58,8 @@ def lightning(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mlflow
         mp.chdir(folder)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         result = run_cli("train", *ARGS, "--register", "--model-name", "lit", "--tag", "k=v")
-        assert result.exit_code == 0, result.stderr
-        yield MlflowClient(uri), result.json()
+    assert result.exit_code == 0, result.stderr
+    yield MlflowClient(uri), result.json()
 
 
 def test_one_run_holds_autologs_records_and_ours(lightning):
