@@ -61,6 +61,7 @@ bench: setup wrk
 	$(BIN)/python benchmarks/bench_training.py
 	$(BIN)/python benchmarks/bench_inference.py
 	$(BIN)/python benchmarks/bench_serving.py
+	$(BIN)/python benchmarks/bench_engines.py
 
 # The serving benchmark loads the servers with wrk, from Debian.
 wrk:

@@ -45,6 +45,11 @@ out = Console(highlight=False)
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)  # type: ignore[misc]
 
 
+class Engine(StrEnum):
+    plain = "plain"
+    lightning = "lightning"
+
+
 class DeviceChoice(StrEnum):
     auto = "auto"
     cpu = "cpu"
@@ -183,6 +188,8 @@ def main() -> None:
     """An MNIST classifier whose whole life runs on MLflow: train, track, register, serve."""
     # MLflow's INFO lines would drown the progress bar; its warnings still show.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # Lightning's INFO lines (devices found, tips, "max_epochs reached") likewise.
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
 
 
 def use_store_of(model_uri: str, tracking_uri: str | None) -> None:
@@ -282,9 +289,36 @@ def train(
         ),
     ] = 60.0,
     as_json: JsonOut = False,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            help="plain: our own loop, tracked by hand; lightning: PyTorch Lightning "
+            "under MLflow's autolog."
+        ),
+    ] = Engine.plain,
+    devices: Annotated[
+        int, typer.Option(min=1, help="Processes (CPU) or GPUs per machine; >1 trains with DDP.")
+    ] = 1,
+    num_nodes: Annotated[int, typer.Option(min=1, help="Machines in the DDP job.")] = 1,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help="Continue this interrupted Lightning run (its config, its last checkpoint, the "
+            "same MLflow run).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train a model on MNIST and record the run (and its model) in MLflow."""
     from mnistflow.pipeline import train_run
+
+    if engine is Engine.plain and (devices > 1 or num_nodes > 1 or resume):
+        flag = "--resume" if resume else "--devices" if devices > 1 else "--num-nodes"
+        raise typer.BadParameter(
+            "needs --engine lightning: the plain loop runs on one process and keeps no "
+            "checkpoints.",
+            param_hint=flag,
+        )
 
     train_config = preset_config(
         preset.value, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device.value
@@ -302,13 +336,30 @@ def train(
     )
     bar = ProgressBar(err)
     try:
-        summary = train_run(
-            DataConfig(limit_train=limit_train),
-            train_config,
-            tracking_config,
-            bar,
-            register_as=model_name if register else None,
-        )
+        if engine is Engine.lightning:
+            from mnistflow import lightning_run
+
+            lightning_summary = lightning_run.train_run(
+                DataConfig(limit_train=limit_train),
+                train_config,
+                tracking_config,
+                devices,
+                num_nodes,
+                resume,
+                bar,
+                register_as=model_name if register else None,
+            )
+            if lightning_summary is None:
+                return  # another DDP process: rank 0 reports
+            summary = lightning_summary
+        else:
+            summary = train_run(
+                DataConfig(limit_train=limit_train),
+                train_config,
+                tracking_config,
+                bar,
+                register_as=model_name if register else None,
+            )
     finally:
         bar.stop()
     print_result(summary.as_dict(), as_json, "Training run")

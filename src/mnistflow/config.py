@@ -220,7 +220,8 @@ class TrackingConfig:
     # Nest the run under this one (a sweep's trials): by id, since the parent may be active
     # in another process.
     parent_run_id: str | None = None
-    # Reopen this existing run instead of starting a new one (a sweep's best trial).
+    # Reopen this existing run instead of starting a new one (the Lightning engine's
+    # --resume; a sweep's best trial).
     resume_run_id: str | None = None
 
 

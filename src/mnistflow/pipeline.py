@@ -6,6 +6,7 @@ import dataclasses
 import json
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from mnistflow.config import (
 )
 from mnistflow.reporting import Reporter, Tee
 from mnistflow.tracking import TrackedRun
-from mnistflow.train import Evaluation, FitResult, evaluate, fit, resolve_device
+from mnistflow.train import Evaluation, evaluate, fit, resolve_device
 
 # Test digits the ONNX export is checked on (against PyTorch) and logged as input examples.
 CHECK_IMAGES = 256
@@ -80,22 +81,16 @@ def train_run(
         tempfile.TemporaryDirectory(prefix="mnistflow-") as tmp,
         TrackedRun(tracking_config) as run,
     ):
-        if run.spooled and register_as:
-            run.spooled.register_as(register_as)
+        ask_registration(run, register_as)
         workdir = Path(tmp)
         _record_inputs(run, resolved, train_config, tracking_config, splits, workdir)
         result = fit(
             train_config, splits.train, splits.val, Tee(run, progress) if progress else run
         )
-        test = evaluate(result.model, splits.test)
-        logged = logged_models.log_torch_models(
-            result.model, splits.test.images[:CHECK_IMAGES], workdir
-        )
-        per_class = reports.per_class(splits.test.labels.numpy(), test.predictions.numpy())
-        final = _final_metrics(test, per_class, result, logged)
-        run.log_results(test.accuracy, final, logged.model_id)
-        _log_reports(run, splits.test, test, result, per_class, workdir)
-        _log_weights(run, train_config, resolved, result.model, workdir)
+        outcome = record_outcome(
+            run, result.model, splits, resolved, workdir, result.step_losses, result.history,
+            result.train_seconds,
+        )  # fmt: skip
         total = time.perf_counter() - started
         run.log_metrics({"total_seconds": total})
         summary = TrainSummary(
@@ -105,12 +100,26 @@ def train_run(
             artifact_uri=run.artifact_uri,
             preset=train_config.preset,
             device=train_config.device,
-            test_accuracy=test.accuracy,
-            test_macro_f1=final["test_macro_f1"],
+            test_accuracy=outcome.test_accuracy,
+            test_macro_f1=outcome.test_macro_f1,
             train_seconds=result.train_seconds,
             total_seconds=total,
-            model_uri=logged.model_uri,
+            model_uri=outcome.models.model_uri,
         )
+    return settle(run, summary, register_as, outcome.models.model_id)
+
+
+def ask_registration(run: TrackedRun, register_as: str | None) -> None:
+    """While the run is open: a spooled run registers on the server once it is copied."""
+    if run.spooled and register_as:
+        run.spooled.register_as(register_as)
+
+
+def settle(
+    run: TrackedRun, summary: TrainSummary, register_as: str | None, model_id: str
+) -> TrainSummary:
+    """After the run has ended: where it landed (the server, or the spool) and the version
+    register_as asked for (of the served model model_id)."""
     if run.spooled:
         # The server has the run only once the spool's copy is through (see spool.py).
         copied = run.sync_result
@@ -124,7 +133,7 @@ def train_run(
     elif register_as:
         # After the run has ended: a version points at a finished run.
         client = registry.client_for(summary.tracking_uri)
-        version = registry.register(client, summary.run_id, register_as, logged.model_id)
+        version = registry.register(client, summary.run_id, register_as, model_id)
         summary.registered_model, summary.registered_version = register_as, str(version.version)
     return summary
 
@@ -175,27 +184,55 @@ def _record_inputs(
     run.log_datasets(splits)
 
 
-def _final_metrics(
-    test: Evaluation,
-    per_class: dict[str, Any],
-    result: FitResult,
-    logged: logged_models.LoggedModels,
-) -> dict[str, float]:
-    """The run's closing metrics besides test_accuracy (logged on its own)."""
-    return {
-        "test_loss": test.loss,
+@dataclass
+class Outcome:
+    """What record_outcome logged: the headline test metrics and the logged models."""
+
+    test_accuracy: float
+    test_macro_f1: float
+    models: logged_models.LoggedModels
+
+
+def record_outcome(
+    run: TrackedRun,
+    model: nn.Module,
+    splits: data.MnistSplits,
+    resolved: dict[str, Any],
+    workdir: Path,
+    step_losses: Sequence[float],
+    history: Sequence[Mapping[str, float]],
+    train_seconds: float,
+    test_metrics: Mapping[str, float] | None = None,
+) -> Outcome:
+    """After training, whatever trained the network: test metrics, the models, the reports
+    and the weights, all into the active run.
+
+    test_metrics: test_accuracy and test_loss already computed elsewhere (the Lightning
+    engine's, reduced over all processes); else they come from evaluating model here.
+    """
+    test = evaluate(model, splits.test)
+    accuracy = test_metrics["test_accuracy"] if test_metrics else test.accuracy
+    logged = logged_models.log_torch_models(model, splits.test.images[:CHECK_IMAGES], workdir)
+    per_class = reports.per_class(splits.test.labels.numpy(), test.predictions.numpy())
+    final = {
+        "test_loss": test_metrics["test_loss"] if test_metrics else test.loss,
         "test_macro_f1": per_class["macro avg"]["f1-score"],
         **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
-        "train_seconds": result.train_seconds,
+        "train_seconds": train_seconds,
         "onnx_max_abs_diff": logged.onnx_max_abs_diff,
     }
+    run.log_results(accuracy, final, logged.model_id)
+    _log_reports(run, splits.test, test, step_losses, history, per_class, workdir)
+    _log_weights(run, resolved, model, workdir)
+    return Outcome(accuracy, final["test_macro_f1"], logged)
 
 
 def _log_reports(
     run: TrackedRun,
     test_split: data.Split,
     test: Evaluation,
-    result: FitResult,
+    step_losses: Sequence[float],
+    history: Sequence[Mapping[str, float]],
     per_class: dict[str, Any],
     workdir: Path,
 ) -> None:
@@ -212,21 +249,18 @@ def _log_reports(
         test.probabilities.numpy().astype(np.float64),
         folder / "misclassified.png",
     )
-    reports.learning_curves_png(result.step_losses, result.history, folder / "learning_curves.png")
+    reports.learning_curves_png(step_losses, history, folder / "learning_curves.png")
     run.log_folder(folder, "reports")
 
 
 def _log_weights(
-    run: TrackedRun,
-    train_config: TrainConfig,
-    resolved: dict[str, Any],
-    model: nn.Module,
-    workdir: Path,
+    run: TrackedRun, resolved: dict[str, Any], model: nn.Module, workdir: Path
 ) -> None:
     """The checkpoint, with what is needed to rebuild the network around the weights."""
     weights = workdir / "model.pt"
     torch.save(
-        {"arch": train_config.arch, "config": resolved, "state_dict": model.state_dict()}, weights
+        {"arch": resolved["train"]["arch"], "config": resolved, "state_dict": model.state_dict()},
+        weights,
     )
     run.log_file(weights, "weights")
 

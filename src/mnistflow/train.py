@@ -52,7 +52,7 @@ def steps_per_epoch(n_images: int, batch_size: int) -> int:
     return math.ceil(n_images / batch_size)
 
 
-def _optimizer(
+def optimizer_and_schedule(
     config: TrainConfig, model: nn.Module, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, bool]:
     """Optimiser, scheduler, and whether the scheduler steps per batch (else per epoch)."""
@@ -162,7 +162,7 @@ def fit(
     images, labels = train.images.to(device), train.labels.to(device)
     n = len(labels)
     total_steps = steps_per_epoch(n, config.batch_size) * config.epochs
-    optimizer, scheduler, per_step_schedule = _optimizer(config, model, total_steps)
+    optimizer, scheduler, per_step_schedule = optimizer_and_schedule(config, model, total_steps)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
