@@ -798,6 +798,11 @@ def sync(
         raise typer.Exit(1)
 
 
+@app.command()
+@friendly_errors(
+    interrupted="the sweep stopped: running trials ended KILLED, the parent run keeps what "
+    "it has; run the same command with --study to resume the study."
+)
 def sweep(
     trials: Annotated[
         int, typer.Option(min=1, help="Trials this command runs, split over its workers.")
