@@ -42,7 +42,9 @@ def test_impossible_arguments_are_refused(args: list[str], phrase: str, store: s
 
 
 def test_unreachable_tracking_server(store: str, cli):
-    result = cli("train", *FAST_ARGS, "--tracking-uri", f"http://127.0.0.1:{free_port()}")
+    # --require-server: else the run goes to the local spool (see test_spool.py).
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = cli("train", *FAST_ARGS, "--tracking-uri", uri, "--require-server")
     assert_one_clear_error(result, 1, "Cannot reach the MLflow tracking server")
 
 

@@ -121,7 +121,9 @@ def test_register_promote_predict_a_lightning_run(lightning, tmp_path: Path, mon
     again = run_cli("register", summary["run_id"], "--model-name", "lit", "--json")
     assert again.exit_code == 0, again.stderr
     version = client.get_model_version("lit", again.json()["version"])
-    assert version.source == summary["model_uri"]  # our served pyfunc, not a torch flavour
+    # Our served pyfunc, not a torch flavour (the source is its artifact location).
+    served = client.get_logged_model(summary["model_uri"].removeprefix("models:/"))
+    assert version.source == served.artifact_location
     promoted = run_cli("promote", "--model-name", "lit", "--min-accuracy", "0.8", "--json")
     assert promoted.exit_code == 0 and promoted.json()["promoted"] is True, promoted.stdout
     test = data.load(DataConfig(limit_train=10)).test
@@ -218,7 +220,8 @@ def test_bad_flags_get_one_sentence(args: list[str], code: int, phrase: str, sto
 
 
 def test_unreachable_store_fails_before_training(store: str):
-    result = run_cli("train", *ARGS, "--tracking-uri", f"http://127.0.0.1:{free_port()}")
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = run_cli("train", *ARGS, "--tracking-uri", uri, "--require-server")
     assert result.exit_code == 1 and "Cannot reach the MLflow tracking server" in result.stderr
 
 

@@ -292,8 +292,9 @@ def test_an_mlflow_server_passes_and_gets_the_users_login(monkeypatch):
 
 
 def test_train_against_a_proxy_that_answers_502_starts_nothing(store: str, tmp_path: Path):
+    # Without --require-server the run would go to the local spool (see test_spool.py).
     with fake_server({"*": (502, "Bad Gateway")}) as (url, seen):
-        result = run_cli("train", *FAST_ARGS, "--tracking-uri", url)
+        result = run_cli("train", *FAST_ARGS, "--tracking-uri", url, "--require-server")
     assert result.exit_code == 1
     assert "is not a healthy MLflow tracking server" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mnistflow import data, logged_models, registry, reports
+from mnistflow import data, logged_models, reports
 from mnistflow.config import DataConfig, MnistflowError, TrackingConfig, as_dict
-from mnistflow.pipeline import TrainSummary
+from mnistflow.pipeline import TrainSummary, ask_registration, settle
 from mnistflow.tracking import TrackedRun
 
 if TYPE_CHECKING:
@@ -195,6 +195,7 @@ def baseline_run(
         tempfile.TemporaryDirectory(prefix="mnistflow-") as tmp,
         TrackedRun(tracking_config) as run,
     ):
+        ask_registration(run, register_as)
         out = Path(tmp)
         config_file = out / "config.json"
         config_file.write_text(json.dumps(resolved, indent=2, default=str))
@@ -259,9 +260,4 @@ def baseline_run(
             total_seconds=total,
             model_uri=model_uri,
         )
-    if register_as:
-        # After the run has ended: a version points at a finished run.
-        client = registry.client_for(summary.tracking_uri)
-        version = registry.register(client, summary.run_id, register_as, model_id)
-        summary.registered_model, summary.registered_version = register_as, str(version.version)
-    return summary
+    return settle(run, summary, register_as, model_id)

@@ -487,19 +487,13 @@ class Session:
         self.server_up = True
         self._requests = short_requests()
         self._requests.__enter__()
-        if server_answers(target):
+        if require_server or server_answers(target):
             try:
                 # Wrong credentials or a server that is not MLflow are not outages: stop.
                 tracking.check_reachable(target)
             except MnistflowError:
                 self._requests.__exit__(None, None, None)
                 raise
-        elif require_server:
-            self._requests.__exit__(None, None, None)
-            raise MnistflowError(
-                f"Cannot reach the MLflow tracking server at {target} and --require-server was "
-                "given; start it, or leave out --require-server to train into the local spool."
-            )
         else:
             self.server_up = False
             log.warning(

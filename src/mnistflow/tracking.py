@@ -272,7 +272,7 @@ class TrackedRun(Reporter):
             mlflow.set_tracking_uri(self.spooled.uri)
             self.client = MlflowClient(self.spooled.uri)
         else:
-            use_store(self.tracking_uri, create=True)
+            use_store(self.config.tracking_uri, create=True)
             self.client = MlflowClient(self.tracking_uri)
         if self.config.async_logging:
             # Let MLflow's queue merge the blocks it holds into fewer store writes (one HTTP
