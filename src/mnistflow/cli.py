@@ -85,11 +85,12 @@ def friendly_errors(command: F | None = None, *, interrupted: str = STOPPED) -> 
             except MnistflowError as e:
                 from mnistflow.tracking import fail_project_run
 
-                sentence = _refusal(e) or str(e)
+                # A tracking server's 401/403/5xx behind it says more than the wrapping
+                # sentence; a request that got no answer at all is already said well by ours.
+                sentence = _refusal(e, answered_only=True) or str(e)
                 # Under `mlflow run`, a failure before our run started still ends its run,
                 # with why.
                 fail_project_run(sentence)
-                # A tracking server's 401/403/5xx behind it says more than the wrapping sentence.
                 err.print(f"[bold red]Error:[/] {sentence}", soft_wrap=True)
                 raise typer.Exit(1) from None
             except KeyboardInterrupt:
@@ -107,12 +108,15 @@ def friendly_errors(command: F | None = None, *, interrupted: str = STOPPED) -> 
     return decorate(command) if command is not None else decorate
 
 
-def _refusal(error: BaseException) -> str | None:
-    """One sentence when error comes from a tracking server's 401, 403 or 5xx, else None."""
+def _refusal(error: BaseException, answered_only: bool = False) -> str | None:
+    """One sentence when error comes from a tracking server's 401, 403 or 5xx (or, unless
+    answered_only, a request it broke off), else None."""
     import mlflow
 
     from mnistflow import remote
 
+    if answered_only and remote.status_of(error) is None:
+        return None
     return remote.sentence(error, str(mlflow.get_tracking_uri()))
 
 
