@@ -41,6 +41,8 @@ def _hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     saved = dict(os.environ)
     os.environ["MNISTFLOW_MNIST_MIRROR"] = str(MIRROR)
     os.environ["MNISTFLOW_DATA_DIR"] = str(tmp_path_factory.mktemp("data-cache"))
+    # Runs meant for a tracking server are spooled here, never in the user's home.
+    os.environ["MNISTFLOW_SPOOL_DIR"] = str(tmp_path_factory.mktemp("spool"))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("MLFLOW_REGISTRY_URI", None)
     yield

@@ -45,7 +45,7 @@ def test_json_has_the_keys_of_train(baseline):
     assert set(summary) == {
         "run_id", "experiment_id", "tracking_uri", "artifact_uri", "preset", "device",
         "test_accuracy", "test_macro_f1", "train_seconds", "total_seconds", "model_uri",
-        "registered_model", "registered_version", "spooled",
+        "registered_model", "registered_version", "spooled", "spool_reason",
     }  # fmt: skip
     assert summary["preset"] == "baseline"
     # A linear model on 2,000 digits: clearly learned, clearly below the CNN.

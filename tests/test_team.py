@@ -144,7 +144,7 @@ def test_serve_with_a_read_only_login_follows_champion(team, team_run, spawn):
         while served_version(url) != before:
             assert server.poll() is None and time.monotonic() < deadline, "never served"
             time.sleep(0.5)
-        newer = registry.register(run_id, "mnist", client=client).version
+        newer = registry.register(client, run_id, "mnist").version
         registry.make_champion(client, "mnist", str(newer), "the serve test")
         try:
             deadline = time.monotonic() + 120

@@ -262,8 +262,8 @@ MLFLOW_LIKE = {"/health": (200, "OK"), "/version": (200, "3.17.2")}
         ({"*": (200, "OK")}, "answers, but not as an MLflow tracking server (/version answered "
          "HTTP 200)"),
         ({"/health": (200, "OK")}, "not as an MLflow tracking server (/version answered HTTP 404)"),
-        ({"/health": (200, "OK"), "/version": (401, "")}, "refused the login (no credentials, "
-         "HTTP 401); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
+        ({"/health": (200, "OK"), "/version": (401, "")}, "needs a login (HTTP 401): set "
+         "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
     ],
 )  # fmt: skip
 def test_only_an_mlflow_server_passes_the_check(answers, words: str, monkeypatch):
@@ -272,7 +272,7 @@ def test_only_an_mlflow_server_passes_the_check(answers, words: str, monkeypatch
     with fake_server(answers) as (url, _), pytest.raises(MnistflowError) as refused:
         check_reachable(url)
     message = " ".join(str(refused.value).split())
-    assert words in message and message.startswith((url, "The MLflow tracking server"))
+    assert words in message and message.startswith((url, "The MLflow server"))
 
 
 def test_an_mlflow_server_passes_and_gets_the_users_login(monkeypatch):
@@ -286,7 +286,7 @@ def test_an_mlflow_server_passes_and_gets_the_users_login(monkeypatch):
     assert all(r["Authorization"] == login for r in seen)
     with (
         fake_server({"/health": (200, "OK"), "/version": (401, "")}) as (url, _),
-        pytest.raises(MnistflowError, match="refused the login \\(user 'alice', HTTP 401\\)"),
+        pytest.raises(MnistflowError, match="refused the login of 'alice' \\(HTTP 401\\)"),
     ):
         check_reachable(url)
 

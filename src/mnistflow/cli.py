@@ -368,10 +368,12 @@ def train(
         bar.stop()
     print_result(summary.as_dict(), as_json, "Training run")
     if summary.spooled:
+        reason = (
+            summary.spool_reason or f"The tracking server at {summary.tracking_uri} did not answer."
+        )
         err.print(
-            f"[yellow]The tracking server at {summary.tracking_uri} did not answer:[/] the run "
-            "is kept in the local spool; send it with [bold]mnistflow sync[/] once the server "
-            "is back.",
+            f"[yellow]{reason}[/] The run is kept in the local spool; send it with "
+            "[bold]mnistflow sync[/] once the server is back.",
             soft_wrap=True,
         )
     elif not as_json:

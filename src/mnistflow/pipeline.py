@@ -50,8 +50,9 @@ class TrainSummary:
     model_uri: str  # the logged pyfunc
     registered_model: str | None = None
     registered_version: str | None = None
-    # True when the run is kept in the local spool for `mnistflow sync` (server away).
+    # True when the run is kept in the local spool for `mnistflow sync` (server away), and why.
     spooled: bool = False
+    spool_reason: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,7 +126,15 @@ def settle(
         copied = run.sync_result
         summary.tracking_uri = run.tracking_uri
         summary.spooled = not (copied and copied.complete)
-        if copied and copied.remote_run_id:
+        summary.spool_reason = copied.error if copied and summary.spooled else None
+        if copied and copied.complete and copied.remote_run_id:
+            # What the user asked for: the server's run, artifacts and model.
+            summary.run_id = copied.remote_run_id
+            remote = registry.client_for(run.tracking_uri).get_run(copied.remote_run_id)
+            summary.artifact_uri = remote.info.artifact_uri
+            served = copied.models.get(summary.model_uri.removeprefix("models:/"))
+            summary.model_uri = f"models:/{served}" if served else summary.model_uri
+        elif copied and copied.remote_run_id:
             summary.run_id = copied.remote_run_id
         if register_as and copied and copied.registered_version:
             summary.registered_model = register_as

@@ -123,6 +123,7 @@ class SyncResult:
     complete: bool = False
     registered_version: str | None = None
     error: str | None = None
+    models: dict[str, str] = field(default_factory=dict)  # spool model id -> server model id
 
 
 @dataclass
@@ -242,11 +243,15 @@ class RunCopier:
             if remote_model is None:
                 remote_model = self._copy_model(spool_model, remote_id)
             self.models[spool_model.model_id] = remote_model
-        self.remote.log_outputs(
-            remote_id,
-            [LoggedModelOutput(self.models[o.model_id], o.step) for o in outputs
-             if o.model_id in self.models],
-        )  # fmt: skip
+        remote_outputs = self.remote.get_run(remote_id).outputs
+        linked = {o.model_id for o in (remote_outputs.model_outputs if remote_outputs else [])}
+        missing = [
+            LoggedModelOutput(self.models[o.model_id], o.step)
+            for o in outputs
+            if o.model_id in self.models and self.models[o.model_id] not in linked
+        ]
+        if missing:  # linking twice is a unique-key violation on PostgreSQL
+            self.remote.log_outputs(remote_id, missing)
 
     def _copy_model(self, spool_model: Any, remote_run_id: str) -> str:
         assert self.remote_experiment_id is not None
@@ -313,6 +318,7 @@ class RunCopier:
         self.remote.set_terminated(remote_id, run.info.status, run.info.end_time)
         self.spool.set_tag(self.spool_run_id, DONE, "true")
         result.complete = True
+        result.models = dict(self.models)
         return result
 
     def _register(self, name: str, remote_run_id: str) -> str:
@@ -347,16 +353,6 @@ def remote_experiment(client: MlflowClient, name: str) -> str:
     if experiment is not None:
         return str(experiment.experiment_id)
     return tracking.create_experiment(client, str(client.tracking_uri), name)
-
-
-def server_answers(uri: str) -> bool:
-    """Whether anything answers /health at uri without a network error or a 5xx."""
-    import requests
-
-    try:
-        return requests.get(uri.rstrip("/") + "/health", timeout=5).status_code < 500
-    except requests.RequestException:
-        return False
 
 
 class Forwarder(threading.Thread):
@@ -417,12 +413,26 @@ def finish_with_deadline(copier: RunCopier, deadline_s: float) -> SyncResult:
                 raise
             last = e
         if time.monotonic() >= end:
-            run = copier.spool.get_run(copier.spool_run_id)
-            return SyncResult(
-                copier.spool_run_id, run.data.tags.get(TARGET, ""), copier.remote_run_id,
-                error=f"the tracking server did not answer ({type(last).__name__})",
-            )  # fmt: skip
+            target = str(copier.remote.tracking_uri)
+            reason = remote.sentence(last, target) or (
+                f"The tracking server at {target} did not answer ({type(last).__name__})."
+            )
+            _mark_failed(copier, reason)
+            return SyncResult(copier.spool_run_id, target, copier.remote_run_id, error=reason)
         time.sleep(2)
+
+
+def _mark_failed(copier: RunCopier, reason: str) -> None:
+    """Where the server can still record it, its run is not left RUNNING: FAILED, with why
+    (a later `mnistflow sync` completes it and ends it as the spool's run ended)."""
+    if copier.remote_run_id is None:
+        return
+    with contextlib.suppress(Exception):  # the server may be away altogether
+        copier.remote.set_tag(
+            copier.remote_run_id, "failure_reason",
+            f"{reason} The run is kept in the local spool; `mnistflow sync` completes it.",
+        )  # fmt: skip
+        copier.remote.set_terminated(copier.remote_run_id, "FAILED")
 
 
 def pending(folder: Path | None = None) -> list[Any]:
@@ -487,19 +497,21 @@ class Session:
         self.server_up = True
         self._requests = short_requests()
         self._requests.__enter__()
-        if require_server or server_answers(target):
-            try:
-                # Wrong credentials or a server that is not MLflow are not outages: stop.
-                tracking.check_reachable(target)
-            except MnistflowError:
+        try:
+            # Wrong credentials or a server that is not MLflow are not outages: they stop here.
+            tracking.check_reachable(target)
+        except tracking.ServerUnavailable as e:
+            if require_server:
                 self._requests.__exit__(None, None, None)
                 raise
-        else:
             self.server_up = False
             log.warning(
-                "The tracking server at %s does not answer; training goes on into the local "
-                "spool (%s), to be sent when it is back.", target, self.uri,
+                "%s Training goes on into the local spool (%s), to be sent when it is back.",
+                e, self.uri,
             )  # fmt: skip
+        except MnistflowError:
+            self._requests.__exit__(None, None, None)
+            raise
 
     def experiment_of(self, remote_run_id: str) -> str:
         """The name of the server experiment that holds remote_run_id."""

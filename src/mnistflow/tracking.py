@@ -70,6 +70,10 @@ def check_reachable(uri: str) -> None:
             )
 
 
+class ServerUnavailable(MnistflowError):
+    """The tracking server did not answer, or answered 5xx: an outage, not a refusal."""
+
+
 def _check_server(uri: str) -> None:
     import requests  # a dependency of MLflow
     from mlflow.utils.credentials import get_default_host_creds
@@ -88,30 +92,26 @@ def _check_server(uri: str) -> None:
             )
         except (requests.RequestException, MlflowException) as e:
             cause = e.__cause__ if isinstance(e, MlflowException) and e.__cause__ else e
-            raise MnistflowError(
+            raise ServerUnavailable(
                 f"Cannot reach the MLflow tracking server at {uri} ({type(cause).__name__}); "
                 "start it or point --tracking-uri / MLFLOW_TRACKING_URI elsewhere."
             ) from e
         if endpoint == "/health":
             health = answers[endpoint]
             if health.status_code != 200 or health.text.strip() != "OK":
-                raise MnistflowError(
+                # A 5xx is a server (or the one behind a proxy) that is down: an outage.
+                error = ServerUnavailable if health.status_code >= 500 else MnistflowError
+                raise error(
                     f"{uri} is not a healthy MLflow tracking server (/health answered HTTP "
                     f"{health.status_code}); check the URI and whatever proxy is in front of it."
                 )
     answer = answers["/version"]
-    if answer.status_code in (401, 403):
-        who = f"user {creds.username!r}" if creds.username else "no credentials"
-        raise MnistflowError(
-            f"The MLflow tracking server at {uri} refused the login ({who}, HTTP "
-            f"{answer.status_code}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
-            "to an account on it."
-        )
-    if answer.status_code >= 500:
-        # The server is there but broken (its database, with logins checked there, is down).
-        from mnistflow import remote
+    from mnistflow import remote
 
-        raise MnistflowError(str(remote.describe(answer.status_code, "/version", uri)))
+    if answer.status_code in (401, 403):
+        raise MnistflowError(remote.describe(answer.status_code, "/version", uri))
+    if answer.status_code >= 500:  # e.g. its database is down
+        raise ServerUnavailable(str(remote.describe(answer.status_code, "/version", uri)))
     if answer.status_code != 200 or not re.fullmatch(r"\d+\.\d+\S*", answer.text.strip()):
         raise MnistflowError(
             f"{uri} answers, but not as an MLflow tracking server (/version answered HTTP "
