@@ -427,12 +427,17 @@ def _mark_failed(copier: RunCopier, reason: str) -> None:
     (a later `mnistflow sync` completes it and ends it as the spool's run ended)."""
     if copier.remote_run_id is None:
         return
-    with contextlib.suppress(Exception):  # the server may be away altogether
-        copier.remote.set_tag(
-            copier.remote_run_id, "failure_reason",
-            f"{reason} The run is kept in the local spool; `mnistflow sync` completes it.",
-        )  # fmt: skip
-        copier.remote.set_terminated(copier.remote_run_id, "FAILED")
+    why = f"{reason} The run is kept in the local spool; `mnistflow sync` completes it."
+    # Three tries: a server that reset the connection of a failed upload resets the next
+    # request on that kept-alive connection too; a new one goes through.
+    for attempt in range(3):
+        try:
+            copier.remote.set_tag(copier.remote_run_id, "failure_reason", why)
+            copier.remote.set_terminated(copier.remote_run_id, "FAILED")
+            return
+        except Exception as e:  # the server may be away altogether
+            if attempt == 2:
+                log.warning("could not mark run %s FAILED: %s", copier.remote_run_id, e)
 
 
 def pending(folder: Path | None = None) -> list[Any]:
