@@ -56,12 +56,18 @@ browser:
 	    { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; \
 	  else echo "The page test needs Debian's chromium: sudo apt-get install chromium"; exit 1; fi; }
 
-## Benchmarks (about 25 minutes): training time to accuracy, tracking overhead, inference, serving.
-bench: setup wrk
+## Benchmarks (over an hour): the whole command, training, tracking, inference, serving, engines,
+## baseline, team stack, outages, sweeps.
+bench: setup wrk team-tools
+	$(BIN)/python benchmarks/bench_command.py
 	$(BIN)/python benchmarks/bench_training.py
 	$(BIN)/python benchmarks/bench_inference.py
 	$(BIN)/python benchmarks/bench_serving.py
 	$(BIN)/python benchmarks/bench_engines.py
+	$(BIN)/python benchmarks/bench_baseline.py
+	$(BIN)/python benchmarks/bench_stack.py
+	$(BIN)/python benchmarks/bench_outage.py
+	$(BIN)/python benchmarks/bench_sweep.py
 
 # The serving benchmark loads the servers with wrk, from Debian.
 wrk:
