@@ -30,7 +30,7 @@ import numpy as np
 
 from mnistflow import data, logged_models, reports
 from mnistflow.config import DataConfig, MnistflowError, TrackingConfig, as_dict
-from mnistflow.pipeline import TrainSummary, ask_registration, settle
+from mnistflow.pipeline import TrainSummary, ask_registration, data_record, settle
 from mnistflow.tracking import TrackedRun
 
 if TYPE_CHECKING:
@@ -174,13 +174,7 @@ def baseline_run(
     splits = data.load(data_config)
     resolved = {
         "train": {"preset": PRESET, "trainer": "scikit-learn", **as_dict(baseline_config)},
-        "data": {
-            **as_dict(data_config),
-            "source": splits.source,
-            "train_size": len(splits.train),
-            "val_size": len(splits.val),
-            "test_size": len(splits.test),
-        },
+        "data": data_record(data_config, splits),
         "tracking": as_dict(tracking_config),
     }
     description = tracking_config.description or (

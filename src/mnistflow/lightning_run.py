@@ -29,7 +29,13 @@ from mlflow.tracking import MlflowClient
 
 from mnistflow import data
 from mnistflow.config import DataConfig, MnistflowError, TrackingConfig, TrainConfig, as_dict
-from mnistflow.pipeline import TrainSummary, ask_registration, record_outcome, settle
+from mnistflow.pipeline import (
+    TrainSummary,
+    ask_registration,
+    data_record,
+    record_outcome,
+    settle,
+)
 from mnistflow.reporting import Reporter
 from mnistflow.tracking import TrackedRun, check_reachable, resolve_tracking_uri
 
@@ -107,13 +113,7 @@ def _rank_zero(
     train_config = dataclasses.replace(train_config, device=device)  # type: ignore[arg-type]
     resolved = {
         "train": as_dict(train_config),
-        "data": {
-            **as_dict(data_config),
-            "source": splits.source,
-            "train_size": len(splits.train),
-            "val_size": len(splits.val),
-            "test_size": len(splits.test),
-        },
+        "data": data_record(data_config, splits),
         "engine": {"name": "lightning", "devices": devices, "num_nodes": num_nodes},
         "tracking": as_dict(tracking_config),
     }

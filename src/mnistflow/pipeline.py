@@ -165,14 +165,19 @@ def _resolved_config(
     """Every value the run was made with, as logged (params and config.json)."""
     return {
         "train": as_dict(train_config),
-        "data": {
-            **as_dict(data_config),
-            "source": splits.source,
-            "train_size": len(splits.train),
-            "val_size": len(splits.val),
-            "test_size": len(splits.test),
-        },
+        "data": data_record(data_config, splits),
         "tracking": as_dict(tracking_config),
+    }
+
+
+def data_record(data_config: DataConfig, splits: data.MnistSplits) -> dict[str, Any]:
+    """The data part of a run's resolved config, whatever trains (logged as data.*)."""
+    return {
+        **as_dict(data_config),
+        "source": splits.source,
+        "train_size": len(splits.train),
+        "val_size": len(splits.val),
+        "test_size": len(splits.test),
     }
 
 
