@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_ARGS, run_cli
@@ -24,6 +25,7 @@ from mnistflow.tracking import (
     check_reachable,
     use_experiment,
 )
+from mnistflow.train import native_bf16, resolve
 
 STEPS_PER_EPOCH = -(-2000 // 128)
 
@@ -89,6 +91,7 @@ def test_params_hold_the_resolved_config(tracked):
     assert params["train.lr"] == "0.008"
     assert params["train.seed"] == "0"
     assert params["train.device"] == "cpu"  # resolved, never "auto"
+    assert params["train.precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
     assert params["data.train_size"] == "2000"
     assert params["data.val_size"] == "5000"
     assert params["data.test_size"] == "10000"
@@ -161,7 +164,8 @@ def test_every_artifact_is_there(tracked, tmp_path: Path):
     } <= names
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(tmp_path)))
     config = json.loads((local / "config.json").read_text())
-    assert config["train"] == {**dataclasses.asdict(TrainConfig()), "device": "cpu"}
+    # The whole config, with "auto" resolved to what ran (the run used --epochs 2).
+    assert config["train"] == dataclasses.asdict(resolve(TrainConfig(epochs=2, device="cpu")))
     assert config["data"]["train_size"] == 2000
     per_class = json.loads((local / "reports" / "per_class.json").read_text())
     assert sum(per_class[str(d)]["support"] for d in range(10)) == 10000

@@ -12,7 +12,7 @@ from conftest import MIRROR
 from mnistflow import data, models
 from mnistflow.config import DataConfig, MnistflowError, TrainConfig, preset_config, validate
 from mnistflow.reporting import Reporter
-from mnistflow.train import augment, evaluate, fit
+from mnistflow.train import augment, evaluate, fit, native_bf16, resolve
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,28 @@ def test_same_seed_gives_the_same_model_on_cpu(small: data.MnistSplits):
         assert torch.equal(wa, wb), name
     assert a.step_losses == b.step_losses
     assert a.step_losses != c.step_losses
+
+
+def test_bf16_mixed_precision_trains_in_bf16_and_keeps_float32_weights(small: data.MnistSplits):
+    base = preset_config("fast", epochs=1, device="cpu", seed=3)
+    fp32 = fit(dataclasses.replace(base, precision="fp32"), small.train, small.val)
+    bf16 = fit(dataclasses.replace(base, precision="bf16"), small.train, small.val)
+    # The same seed and batches: only the arithmetic differs, and it does.
+    assert fp32.step_losses[0] != bf16.step_losses[0]
+    assert fp32.step_losses[0] == pytest.approx(bf16.step_losses[0], rel=0.05)
+    for result in (fp32, bf16):
+        assert all(p.dtype == torch.float32 for p in result.model.parameters())
+        assert evaluate(result.model, small.test).accuracy > 0.85
+
+
+def test_auto_precision_resolves_to_what_the_hardware_runs_natively():
+    cpu = resolve(preset_config("fast", device="cpu"))
+    assert cpu.device == "cpu"
+    assert cpu.precision == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
+    # An explicit choice is kept; the classic recipe trains in float32 as the example does.
+    assert resolve(preset_config("fast", device="cpu", precision="fp32")).precision == "fp32"
+    assert resolve(preset_config("classic", device="cpu")).precision == "fp32"
+    assert resolve(cpu) == cpu
 
 
 @pytest.mark.parametrize("arch", list(models.ARCHITECTURES))
@@ -179,6 +201,7 @@ UNUSABLE = {
     "augment_shift": (-1.0, "augment_shift must be in [0, 14] pixels"),
     "seed": (-1, "seed must be a whole number >= 0"),
     "device": ("tpu", "device must be one of auto, cpu, cuda, got 'tpu'"),
+    "precision": ("fp16", "precision must be one of auto, bf16, fp32, got 'fp16'"),
     "log_every_steps": (0, "log_every_steps must be at least 1"),
 }
 

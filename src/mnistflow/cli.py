@@ -56,6 +56,12 @@ class DeviceChoice(StrEnum):
     cuda = "cuda"
 
 
+class PrecisionChoice(StrEnum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -224,6 +230,14 @@ Epochs = Annotated[
 ]
 Seed = Annotated[int, typer.Option(help="Random seed; the same seed on CPU gives the same run.")]
 DeviceOption = Annotated[DeviceChoice, typer.Option(help="Where to train.")]
+PrecisionOption = Annotated[
+    PrecisionChoice | None,
+    typer.Option(
+        help="Training arithmetic: bf16 mixed precision or fp32 (default: the preset's; auto "
+        "takes bf16 where the hardware runs it natively).",
+        show_default=False,
+    ),
+]
 LimitTrain = Annotated[
     int | None,
     typer.Option(min=1, help="Train on only the first N training images (fast mode)."),
@@ -251,6 +265,7 @@ def train(
     ] = None,
     seed: Seed = 0,
     device: DeviceOption = DeviceChoice.auto,
+    precision: PrecisionOption = None,
     limit_train: LimitTrain = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment name.")] = "mnist",
     run_name: Annotated[
@@ -325,8 +340,9 @@ def train(
         )
 
     train_config = preset_config(
-        preset.value, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device.value
-    )
+        preset.value, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device.value,
+        precision=precision and precision.value,
+    )  # fmt: skip
     tracking_config = TrackingConfig(
         tracking_uri=tracking_uri,
         experiment=experiment,
@@ -683,6 +699,7 @@ def pipeline(
     epochs: Epochs = None,
     seed: Seed = 0,
     device: DeviceOption = DeviceChoice.auto,
+    precision: PrecisionOption = None,
     limit_train: LimitTrain = None,
     model_name: ModelName = MODEL_NAME,
     min_accuracy: MinAccuracy = 0.99,
@@ -696,7 +713,10 @@ def pipeline(
     """The whole job: train and register, promote by evaluation, classify sample digits."""
     from mnistflow.pipeline import run_pipeline
 
-    train_config = preset_config(preset.value, epochs=epochs, seed=seed, device=device.value)
+    train_config = preset_config(
+        preset.value, epochs=epochs, seed=seed, device=device.value,
+        precision=precision and precision.value,
+    )  # fmt: skip
     tracking_config = TrackingConfig(
         tracking_uri=tracking_uri,
         description="mnistflow pipeline: train, register, promote.",

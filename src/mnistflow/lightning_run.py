@@ -38,6 +38,7 @@ from mnistflow.pipeline import (
 )
 from mnistflow.reporting import Reporter
 from mnistflow.tracking import TrackedRun, check_reachable, resolve_tracking_uri
+from mnistflow.train import resolve
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -109,8 +110,8 @@ def _rank_zero(
             resume, tracking_config, data_config, tmp
         )
     splits = data.load(data_config)
-    device = "cuda" if lightning_train.accelerator(train_config.device) == "gpu" else "cpu"
-    train_config = dataclasses.replace(train_config, device=device)  # type: ignore[arg-type]
+    train_config = resolve(train_config)  # the device and precision really used
+    device = train_config.device
     resolved = {
         "train": as_dict(train_config),
         "data": data_record(data_config, splits),

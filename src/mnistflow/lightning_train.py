@@ -29,7 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mnistflow.config import MnistflowError, TrainConfig
 from mnistflow.data import Split
 from mnistflow.reporting import Reporter
-from mnistflow.train import augment, optimizer_and_schedule
+from mnistflow.train import augment, optimizer_and_schedule, resolve
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 1, 28, 28) uint8, labels (B,) int64
 
@@ -157,7 +157,7 @@ class MnistModule(pl.LightningModule):
         x = images.float()  # (B, 1, 28, 28) 0-255
         if self.config.augment:
             x = augment(x, self.generator, self.config)
-        logits = self(x)
+        logits = self(x).float()  # the loss in float32, whatever the forward pass ran in
         loss = F.cross_entropy(logits, labels, label_smoothing=self.config.label_smoothing)
         self.log("train_loss", loss, on_step=True, on_epoch=False, sync_dist=True)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)  # type: ignore[union-attr]
@@ -173,7 +173,10 @@ class MnistModule(pl.LightningModule):
 
     def _evaluate(self, batch: Batch, loss: MeanMetric, accuracy: MulticlassAccuracy) -> None:
         images, labels = batch
-        logits = self(images)
+        # Evaluation in float32 as in the plain engine: the metrics are those of the weights
+        # as logged and served, not of their bf16 arithmetic.
+        with torch.autocast(self.device.type, enabled=False):
+            logits = self(images)
         loss.update(F.cross_entropy(logits, labels, reduction="mean"), len(labels))
         accuracy.update(logits, labels)
 
@@ -344,6 +347,7 @@ def fit(
     """
     from mnistflow import models
 
+    config = resolve(config)
     torch.manual_seed(config.seed)
     network = models.build(config.arch)
     module = MnistModule(network, config, len(train))
@@ -358,6 +362,8 @@ def fit(
         # gloo on CPU, NCCL on GPU: Lightning picks the backend for the accelerator.
         strategy="ddp" if distributed else "auto",
         max_epochs=config.epochs,
+        # Lightning's names for the two arithmetics (config is resolved: bf16 or fp32).
+        precision="bf16-mixed" if config.precision == "bf16" else "32-true",
         logger=False,  # MLflow's autolog records the run; no Lightning logger (no ./mlruns)
         callbacks=[
             *([progress] if progress else []),

@@ -21,14 +21,19 @@ class Standardize(nn.Module):
         return (x - 255 * MNIST_MEAN) / (255 * MNIST_STD)
 
 
+# The fast preset's network width: 24 reaches 99.1-99.3% in one epoch (16 only about 99.0%;
+# measured over seeds, README) at about 2.3 M multiply-adds per image.
+FAST_WIDTH = 24
+
+
 class FastNet(nn.Module):
-    """LeNet-style CNN: few multiply-adds (about 1 M per image), so an epoch is seconds on a CPU.
+    """LeNet-style CNN: few multiply-adds (about 2.3 M per image at the default width), so an
+    epoch is seconds on a CPU.
 
     width: channels of the first convolution (W); the second has 2W, the hidden layer 4W.
-    The default, 16, is the fast preset's network.
     """
 
-    def __init__(self, width: int = 16) -> None:
+    def __init__(self, width: int = FAST_WIDTH) -> None:
         super().__init__()
         self.width = width
         w = width

@@ -26,7 +26,7 @@ from mnistflow.config import (
 )
 from mnistflow.reporting import Reporter, Tee
 from mnistflow.tracking import TrackedRun
-from mnistflow.train import Evaluation, evaluate, fit, resolve_device
+from mnistflow.train import Evaluation, evaluate, fit, resolve
 
 # Test digits the ONNX export is checked on (against PyTorch) and logged as input examples.
 CHECK_IMAGES = 256
@@ -75,7 +75,7 @@ def train_run(
     started = time.perf_counter()
     validate(train_config)
     splits = splits or data.load(data_config)
-    train_config = _with_resolved_device(train_config)
+    train_config = resolve(train_config)  # the device and precision really used
     resolved = _resolved_config(data_config, train_config, tracking_config, splits)
 
     with (
@@ -148,12 +148,6 @@ def settle(
 
 
 # -- the stages of train_run -------------------------------------------------------------
-
-
-def _with_resolved_device(config: TrainConfig) -> TrainConfig:
-    """The config with "auto" replaced by the device used: the run logs what really ran."""
-    device = resolve_device(config.device).type
-    return dataclasses.replace(config, device=device)  # type: ignore[arg-type]
 
 
 def _resolved_config(

@@ -90,8 +90,8 @@ class SearchSpace:
     batch_size: Dimension | None = Choice((64, 128, 256))
     weight_decay: Dimension | None = Range(1e-6, 1e-2, log=True)
     label_smoothing: Dimension | None = Range(0.0, 0.2)
-    # The fast network's first-layer channels (16 is the preset's network).
-    width: Dimension | None = Choice((8, 16, 32))
+    # The fast network's first-layer channels (24, models.FAST_WIDTH, is the preset's).
+    width: Dimension | None = Choice((16, 24, 32))
 
     def dimensions(self) -> dict[str, Dimension]:
         return {
@@ -513,20 +513,17 @@ def _objective(trial: optuna.Trial, job: WorkerJob, splits: MnistSplits) -> floa
     import optuna
     import torch
 
+    from mnistflow import models
     from mnistflow.reporting import Tee
     from mnistflow.tracking import TrackedRun, set_run_tags
-    from mnistflow.train import fit, resolve_device
+    from mnistflow.train import fit, resolve
 
     started = time.perf_counter()
     params = job.definition.space.suggest(trial)
-    base = job.definition.base_config()
-    device = resolve_device(base.device).type
-    train_config = dataclasses.replace(
-        base,
-        device=device,  # type: ignore[arg-type]
-        **{k: v for k, v in params.items() if k != "width"},
-    )
-    width = params.get("width", 16 if train_config.arch == "fast" else None)
+    base = resolve(job.definition.base_config())
+    device = base.device
+    train_config = dataclasses.replace(base, **{k: v for k, v in params.items() if k != "width"})
+    width = params.get("width", models.FAST_WIDTH if train_config.arch == "fast" else None)
     tags = {
         **job.tracking.tags,
         "sweep_study": job.study,

@@ -6,9 +6,12 @@ slicing shuffled batches out of it: no per-sample Python, no DataLoader workers.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +49,36 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device does bf16 matrix arithmetic in hardware (so mixed precision pays).
+
+    CPUs: Intel AMX (Xeon 4th generation on). There oneDNN's bf16 convolutions make the fast
+    preset's epoch about 1.5x faster than float32 (measured, README); without AMX, bf16 on a CPU
+    is emulated and slower, so auto stays float32. torch.cpu has no public query for it yet.
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return device.type == "cpu" and callable(amx) and bool(amx())
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """The config with "auto" replaced by the device and precision used: a run logs what
+    really ran, and the same config reproduces it on another machine."""
+    device = resolve_device(config.device)
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if native_bf16(device) else "fp32"
+    return dataclasses.replace(config, device=device.type, precision=precision)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def autocast(config: TrainConfig, device: torch.device) -> Iterator[None]:
+    """The forward pass in the config's precision (resolved: "bf16" or "fp32")."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        yield
 
 
 def steps_per_epoch(n_images: int, batch_size: int) -> int:
@@ -153,7 +186,8 @@ def fit(
     instead of a fresh one of config.arch.
     """
     reporter = reporter or Reporter()
-    device = resolve_device(config.device)
+    config = resolve(config)
+    device = torch.device(config.device)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = model if model is not None else models.build(config.arch)
@@ -187,8 +221,10 @@ def fit(
                 if config.augment:
                     x = augment(x, generator, config)
                 y = labels[idx]
-                logits = model(x.contiguous(memory_format=torch.channels_last))
-                loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+                with autocast(config, device):
+                    logits = model(x.contiguous(memory_format=torch.channels_last))
+                # The loss in float32, whatever the forward pass ran in.
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
