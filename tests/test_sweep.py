@@ -195,15 +195,16 @@ def test_width_is_refused_for_networks_without_it(tmp_path, monkeypatch):
 def test_fast_net_default_width_is_the_preset_network():
     shapes = [tuple(p.shape) for p in models.FastNet().parameters()]
     assert shapes == [
-        (16, 1, 5, 5),
-        (16,),
-        (32, 16, 5, 5),
-        (32,),
-        (64, 512),
-        (64,),
-        (10, 64),
+        (24, 1, 5, 5),
+        (24,),
+        (48, 24, 5, 5),
+        (48,),
+        (96, 768),
+        (96,),
+        (10, 96),
         (10,),
     ]
+    assert models.build("fast").width == models.FAST_WIDTH == 24
     wide = models.FastNet(width=32)
     assert wide(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 
