@@ -59,7 +59,7 @@ browser:
 ## Benchmarks (over an hour): the whole command, training, tracking, inference, serving, engines,
 ## baseline, team stack, outages, sweeps.
 bench: setup wrk team-tools
-	$(BIN)/python benchmarks/bench_command.py
+	$(BIN)/python benchmarks/bench_command.py --fp32
 	$(BIN)/python benchmarks/bench_training.py
 	$(BIN)/python benchmarks/bench_inference.py
 	$(BIN)/python benchmarks/bench_serving.py

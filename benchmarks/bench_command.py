@@ -13,7 +13,10 @@ timed from here), test accuracy; and the ratio command / reference training time
 The command's store is created by an untimed warm-up run (which also warms the file cache for
 both), so the timed rounds are a user's second and later runs, not the one-off schema creation.
 
-Usage: python benchmarks/bench_command.py [--rounds 5]   (about 4 minutes on 2 idle cores)
+Round i runs every side with --seed i, so the accuracy column is a spread over seeds.
+
+Usage: python benchmarks/bench_command.py [--rounds 5] [--fp32]   (about 3 minutes on 2 idle
+cores; --fp32 adds the command with --precision fp32 as a third side)
 Prints the Markdown table the README shows and writes benchmarks/results/command.json.
 """
 
@@ -70,26 +73,38 @@ def percent(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument(
+        "--fp32",
+        action="store_true",
+        help="also time the command with --precision fp32 (what a CPU without bf16 gets)",
+    )
     args = parser.parse_args()
     if not os.environ.get("MNISTFLOW_MNIST_MIRROR"):
         print("MNISTFLOW_MNIST_MIRROR is not set: MNIST comes from the cache or is downloaded.")
 
-    command: list[dict[str, Any]] = []
-    reference: list[dict[str, Any]] = []
+    # (row label, argv, results); round i trains every side with seed i, so the accuracy
+    # column shows the spread over seeds, not one seed repeated.
+    sides: list[tuple[str, list[str], list[dict[str, Any]]]] = [
+        ("`mnistflow train` (fast preset, tracking on)", COMMAND, []),
+        ("reference CNN, 1 epoch (`reference_cnn.py`)", REFERENCE, []),
+    ]
+    if args.fp32:
+        label = "`mnistflow train --precision fp32`"
+        sides.append((label, [*COMMAND, "--precision", "fp32"], []))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-command-") as tmp:
         folder = Path(tmp)
         # Untimed: creates ./mlflow.db (schema migrations happen once per store) and warms the
-        # file cache and the interpreter's .pyc files for both sides.
-        run(COMMAND, folder)
-        run(REFERENCE, folder)
+        # file cache and the interpreter's .pyc files for every side.
+        for _, argv, _ in sides:
+            run(argv, folder)
         for i in range(args.rounds):
-            sides = [("command", COMMAND, command), ("reference", REFERENCE, reference)]
-            for name, argv, results in sides if i % 2 == 0 else sides[::-1]:
-                results.append(run(argv, folder))
+            # The order rotates, so no side always runs first (on the coolest machine).
+            for label, argv, results in sides[i % len(sides) :] + sides[: i % len(sides)]:
+                results.append(run([*argv, "--seed", str(i)], folder))
                 r = results[-1]
                 print(
-                    f"round {i}: {name:9s} train {r['train_seconds']:5.2f} s, "
+                    f"round {i}: {label[:40]:40s} train {r['train_seconds']:5.2f} s, "
                     f"wall {r['wall_seconds']:5.2f} s, test accuracy {r['test_accuracy']:.2%}",
                     flush=True,
                 )
@@ -98,6 +113,7 @@ def main() -> None:
     def series(results: list[dict[str, Any]], key: str) -> list[float]:
         return [float(r[key]) for r in results]
 
+    command, reference = sides[0][2], sides[1][2]
     ratios = [
         c["train_seconds"] / r["train_seconds"] for c, r in zip(command, reference, strict=True)
     ]
@@ -106,18 +122,14 @@ def main() -> None:
     )
     rows = [
         [
-            "`mnistflow train` (fast preset, tracking on)",
-            f"**{spread(series(command, 'train_seconds'))}**",
-            spread(series(command, "wall_seconds")),
-            percent(series(command, "test_accuracy")),
-        ],
-        [
-            "reference CNN, 1 epoch (`reference_cnn.py`)",
-            spread(series(reference, "train_seconds")),
-            spread(series(reference, "wall_seconds")),
-            percent(series(reference, "test_accuracy")),
-        ],
+            label,
+            spread(series(results, "train_seconds")),
+            spread(series(results, "wall_seconds")),
+            percent(series(results, "test_accuracy")),
+        ]
+        for label, _, results in sides
     ]
+    rows[0][1] = f"**{rows[0][1]}**"
     print()
     print(
         table(
@@ -134,8 +146,7 @@ def main() -> None:
     (RESULTS / "command.json").write_text(
         json.dumps(
             {
-                "command": command,
-                "reference": reference,
+                "sides": {label: results for label, _, results in sides},
                 "ratio_of_medians": ratio,
                 "ratios_per_round": ratios,
                 "load_average_before_after": [load_before, load_after],
