@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import MNISTFLOW, run_cli
 from mnistflow import models, registry, servers, sweep
+from mnistflow.config import preset_config
 
 SLICE = ["--limit-train", "1000", "--epochs", "2"]
 # Only the learning rate is searched: the enqueued trials below then fix every trial's recipe.
@@ -190,6 +191,16 @@ def test_width_is_refused_for_networks_without_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_cli("sweep", "--preset", "classic", "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
     assert result.exit_code == 1 and "width applies only to the fast network" in result.stderr
+
+
+def test_trials_get_an_epoch_to_prune_at_unless_told_otherwise():
+    # The fast preset trains one epoch; a pruner needs one before the last to decide at.
+    assert preset_config("fast").epochs == 1
+    assert sweep.SweepDefinition().trial_epochs() == 2
+    assert sweep.SweepDefinition(pruner="none").trial_epochs() == 1
+    assert sweep.SweepDefinition(epochs=1).trial_epochs() == 1
+    assert sweep.SweepDefinition(preset="quality").trial_epochs() == 20
+    assert sweep.SweepDefinition().base_config().epochs == 2
 
 
 def test_fast_net_default_width_is_the_preset_network():

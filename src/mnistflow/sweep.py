@@ -245,7 +245,7 @@ class SweepDefinition:
     that joins it."""
 
     preset: str = "fast"
-    epochs: int | None = None  # None: the preset's
+    epochs: int | None = None  # None: see trial_epochs()
     limit_train: int | None = None
     space: SearchSpace = field(default_factory=SearchSpace)
     pruner: PrunerName = "median"
@@ -256,7 +256,7 @@ class SweepDefinition:
     seed: int = 0
 
     def validate(self) -> None:
-        base = preset_config(self.preset, epochs=self.epochs, seed=self.seed)
+        base = self.base_config()
         if self.pruner not in PRUNERS:
             raise MnistflowError(
                 f"pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}."
@@ -275,8 +275,17 @@ class SweepDefinition:
         if not self.space.dimensions():
             raise MnistflowError("The search space is empty; give at least one parameter.")
 
+    def trial_epochs(self) -> int:
+        """Epochs per trial: as given, else the preset's, but at least 2 while a pruner is on:
+        it decides after an epoch, and after the last one there is nothing left to save (the
+        fast preset trains for one)."""
+        if self.epochs is not None:
+            return self.epochs
+        epochs = preset_config(self.preset).epochs
+        return max(epochs, 2) if self.pruner != "none" else epochs
+
     def base_config(self) -> TrainConfig:
-        return preset_config(self.preset, epochs=self.epochs, seed=self.seed)
+        return preset_config(self.preset, epochs=self.trial_epochs(), seed=self.seed)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -765,7 +774,7 @@ def _prepare(
             "budget.timeout": config.timeout,
             "budget.workers": config.workers,
             "preset": definition.preset,
-            "epochs": definition.epochs or definition.base_config().epochs,
+            "epochs": definition.trial_epochs(),
             "limit_train": definition.limit_train,
             "seed": definition.seed,
             **{f"space.{k}": v for k, v in definition.space.describe().items()},
