@@ -131,6 +131,7 @@ def settle(
             # What the user asked for: the server's run, artifacts and model.
             summary.run_id = copied.remote_run_id
             remote = registry.client_for(run.tracking_uri).get_run(copied.remote_run_id)
+            summary.experiment_id = remote.info.experiment_id
             summary.artifact_uri = remote.info.artifact_uri
             served = copied.models.get(summary.model_uri.removeprefix("models:/"))
             summary.model_uri = f"models:/{served}" if served else summary.model_uri

@@ -64,6 +64,10 @@ REGISTERED = "mnistflow.sync.registered_version"
 # Tags on the server's runs and models: where they came from (how a repeat finds them).
 SPOOL_RUN = "mnistflow.spool_run_id"
 SPOOL_MODEL = "mnistflow.spool_model_id"
+# The tags MLflow sets on a run from where it was started (see push_run_data).
+CONTEXT = ("mlflow.source.", "mlflow.user", "mlflow.project.")
+# The end of the failure reason a target's run gets while its copy waits (see _mark_failed).
+KEPT = "The run is kept in the local spool; `mnistflow sync` completes it."
 
 # How long one request to the server may take while spooling; MLflow's own default
 # (120 s, with retries) would hold the forwarder for minutes on a hung server.
@@ -138,6 +142,7 @@ class RunCopier:
     sent_artifacts: set[str] = field(default_factory=set)
     sent_fields: dict[str, Any] = field(default_factory=dict)  # params, tags, inputs as sent
     models: dict[str, str] = field(default_factory=dict)  # spool model id -> server model id
+    linked: set[str] = field(default_factory=set)  # server models that have their metrics
     remote_run_id: str | None = None
     remote_experiment_id: str | None = None
 
@@ -175,11 +180,19 @@ class RunCopier:
         remote_id = self.ensure_remote_run()
         run = self.spool.get_run(self.spool_run_id)
         params = [Param(k, v) for k, v in run.data.params.items()]
+        if "held" not in self.sent_fields:
+            # Where and by whom a run was started, as MLflow recorded it on a run that was on
+            # the target first (an MLflow Project's): that run's own account wins.
+            tags_there = self.remote.get_run(remote_id).data.tags
+            self.sent_fields["held"] = {k for k in tags_there if k.startswith(CONTEXT)}
         tags = [
             RunTag(k, v)
             for k, v in run.data.tags.items()
-            if not k.startswith(BOOKKEEPING) and k != "mlflow.runName"
+            if not k.startswith(BOOKKEEPING)
+            and k != "mlflow.runName"
+            and k not in self.sent_fields["held"]
         ]
+
         tags.append(RunTag(SPOOL_RUN, self.spool_run_id))
         if self.sent_fields.get("params") != params or self.sent_fields.get("tags") != tags:
             # MLflow takes at most 100 params and 100 tags per call.
@@ -194,9 +207,11 @@ class RunCopier:
                 remote_id, datasets=[DatasetInput(i.dataset, i.tags) for i in inputs]
             )
             self.sent_fields["inputs"] = len(inputs)
-        self._push_metrics(run.data.metrics, with_models=False)
+        self._push_metrics(run.data.metrics)
 
-    def _push_metrics(self, latest: dict[str, float], with_models: bool) -> None:
+    def _push_metrics(self, latest: dict[str, float]) -> None:
+        """The run's metric histories (which links to a model they have is not in a history:
+        push_models copies those links)."""
         remote_id = self.ensure_remote_run()
         pending: list[Metric] = []
         for key in sorted(latest):
@@ -204,19 +219,14 @@ class RunCopier:
             history.sort(key=lambda m: (m.step, m.timestamp))
             done = self.sent_metrics.get(key, 0)
             fresh = history[done:]
-            if not with_models and any(m.model_id for m in fresh):
-                # A metric linked to a model waits until the model is on the server.
-                fresh = fresh[: next(i for i, m in enumerate(fresh) if m.model_id)]
-            for m in fresh:
-                model_id = self.models.get(m.model_id) if m.model_id else None
-                pending.append(
-                    Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id,
-                           dataset_name=m.dataset_name, dataset_digest=m.dataset_digest)
-                )  # fmt: skip
+            pending += [Metric(m.key, m.value, m.timestamp, m.step) for m in fresh]
             self.sent_metrics[key] = done + len(fresh)
+        self._log_metrics(remote_id, pending)
+
+    def _log_metrics(self, remote_id: str, metrics: list[Metric]) -> None:
         # MLflow takes at most 1,000 metrics per call.
-        for start in range(0, len(pending), 1000):
-            self.remote.log_batch(remote_id, metrics=pending[start : start + 1000])
+        for start in range(0, len(metrics), 1000):
+            self.remote.log_batch(remote_id, metrics=metrics[start : start + 1000])
 
     def push_models(self) -> None:
         """Every finished model of the spool run onto the server, once each."""
@@ -243,6 +253,7 @@ class RunCopier:
             if remote_model is None:
                 remote_model = self._copy_model(spool_model, remote_id)
             self.models[spool_model.model_id] = remote_model
+            self._link_metrics(spool_model, remote_model, remote_id)
         remote_outputs = self.remote.get_run(remote_id).outputs
         linked = {o.model_id for o in (remote_outputs.model_outputs if remote_outputs else [])}
         missing = [
@@ -252,6 +263,21 @@ class RunCopier:
         ]
         if missing:  # linking twice is a unique-key violation on PostgreSQL
             self.remote.log_outputs(remote_id, missing)
+
+    def _link_metrics(self, spool_model: Any, remote_model: str, remote_run_id: str) -> None:
+        """The metrics linked to a model (MLflow's model views show them), once: the target's
+        model takes them only while it has none (a second link is a unique-key violation)."""
+        if remote_model in self.linked or not spool_model.metrics:
+            return
+        if not self.remote.get_logged_model(remote_model).metrics:
+            linked = [
+                Metric(m.key, m.value, m.timestamp, m.step, model_id=remote_model,
+                       dataset_name=m.dataset_name, dataset_digest=m.dataset_digest)
+                for m in spool_model.metrics
+            ]  # fmt: skip
+            # Also in the run's history, as in the spool: an identical metric is not doubled.
+            self._log_metrics(remote_run_id, linked)
+        self.linked.add(remote_model)
 
     def _copy_model(self, spool_model: Any, remote_run_id: str) -> str:
         assert self.remote_experiment_id is not None
@@ -307,7 +333,6 @@ class RunCopier:
             return result
         self.push_run_data()
         self.push_models()
-        self._push_metrics(run.data.metrics, with_models=True)
         self.push_artifacts()
         remote_id = self.ensure_remote_run()
         result.remote_run_id = remote_id
@@ -315,11 +340,21 @@ class RunCopier:
         if name and run.info.status == RunStatus.to_string(RunStatus.FINISHED):
             result.registered_version = self._register(name, remote_id)
             self.spool.set_tag(self.spool_run_id, REGISTERED, result.registered_version)
+        self._forget_waiting(remote_id, run.data.tags)
         self.remote.set_terminated(remote_id, run.info.status, run.info.end_time)
         self.spool.set_tag(self.spool_run_id, DONE, "true")
         result.complete = True
         result.models = dict(self.models)
         return result
+
+    def _forget_waiting(self, remote_id: str, spool_tags: dict[str, str]) -> None:
+        """The target's run loses the failure reason _mark_failed gave it while the copy
+        waited (the run's own reason, if it has one, was copied over it)."""
+        from mnistflow.tracking import FAILURE_TAG
+
+        reason = self.remote.get_run(remote_id).data.tags.get(FAILURE_TAG, "")
+        if reason.endswith(KEPT) and FAILURE_TAG not in spool_tags:
+            self.remote.delete_tag(remote_id, FAILURE_TAG)
 
     def _register(self, name: str, remote_run_id: str) -> str:
         from mnistflow import registry
@@ -427,7 +462,7 @@ def _mark_failed(copier: RunCopier, reason: str) -> None:
     (a later `mnistflow sync` completes it and ends it as the spool's run ended)."""
     if copier.remote_run_id is None:
         return
-    why = f"{reason} The run is kept in the local spool; `mnistflow sync` completes it."
+    why = f"{reason} {KEPT}"
     # Three tries: a server that reset the connection of a failed upload resets the next
     # request on that kept-alive connection too; a new one goes through.
     for attempt in range(3):
