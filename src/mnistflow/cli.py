@@ -295,8 +295,9 @@ def train(
     require_server: Annotated[
         bool,
         typer.Option(
-            help="With a tracking server: fail when it does not answer at the start, instead "
-            "of training into the local spool."
+            help="Fail when the tracking store cannot take the run at the start (a server that "
+            "does not answer; an embedded store whose disk is full or that cannot be written), "
+            "instead of training into the local spool."
         ),
     ] = False,
     wait_for_server: Annotated[
@@ -384,12 +385,14 @@ def train(
         bar.stop()
     print_result(summary.as_dict(), as_json, "Training run")
     if summary.spooled:
+        from mnistflow import remote
+
         reason = (
             summary.spool_reason or f"The tracking server at {summary.tracking_uri} did not answer."
         )
         err.print(
             f"[yellow]{reason}[/] The run is kept in the local spool; send it with "
-            "[bold]mnistflow sync[/] once the server is back.",
+            f"[bold]mnistflow sync[/] {remote.send_later(summary.tracking_uri)}.",
             soft_wrap=True,
         )
     elif not as_json:
@@ -798,13 +801,13 @@ def sync(
                 "server_run_id": r.data.tags.get(spool.REMOTE_RUN),
             }
             for r in spool.pending()
-            if not tracking_uri or r.data.tags[spool.TARGET] == tracking_uri
+            if not tracking_uri or r.data.tags[spool.TARGET] == spool.target_uri(tracking_uri)
         ]
         if as_json:
             print_result({"pending": waiting}, True, "")
             return
         table = Table(title=f"Waiting in {spool.spool_dir()}", title_justify="left")
-        for column in ("spool run", "name", "status", "server", "server run"):
+        for column in ("spool run", "name", "status", "target", "target run"):
             table.add_column(column)
         for row in waiting:
             table.add_row(*(str(v or "-") for v in row.values()))

@@ -1,10 +1,11 @@
-"""Tracking that survives the server going down: a run meant for a tracking server is
-written to a local spool and copied to the server by a forwarder thread, and later by
-`mnistflow sync`, exactly once.
+"""Tracking that survives the store going away: a run meant for a tracking server, or for
+an embedded store (sqlite:///...), is written to a local spool and copied to its store (the
+target) by a forwarder thread, and later by `mnistflow sync`, exactly once.
 
 The spool is an embedded MLflow store (sqlite + an artifact folder) under
 $MNISTFLOW_SPOOL_DIR (default ~/.cache/mnistflow/spool). Training only ever writes to it,
-so a server that restarts, hangs (SIGSTOP) or is gone never makes training wait or fail.
+so a server that restarts, hangs (SIGSTOP) or is gone, or a store whose disk fills up or
+turns read-only, never makes training wait or fail.
 
 Copying is idempotent, step by step, so a copy cut off half-way is simply run again:
 - the server run is found by its tag ``mnistflow.spool_run_id`` before one is created, and
@@ -29,9 +30,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +76,11 @@ KEPT = "The run is kept in the local spool; `mnistflow sync` completes it."
 # How long one request to the server may take while spooling; MLflow's own default
 # (120 s, with retries) would hold the forwarder for minutes on a hung server.
 REQUEST_TIMEOUT_S = 10
+# Seconds between the forwarder's copies: a server's UI shows the run 2 s behind training.
+FORWARD_INTERVAL_S = 2.0
+# Into an embedded store the copy is CPU work in this process, beside training (a server's
+# is mostly waiting on the network).
+FORWARD_INTERVAL_EMBEDDED_S = 2.0
 
 
 def spool_dir() -> Path:
@@ -81,14 +90,92 @@ def spool_dir() -> Path:
 
 
 def spool_uri(folder: Path | None = None) -> str:
+    """The spool store's URI; the store is made (whole) when it does not exist yet."""
+    from mnistflow import tracking
+
     folder = folder or spool_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder.resolve() / 'spool.db'}"
+    path = folder.resolve() / "spool.db"
+    if not path.exists():
+        tracking.create_sqlite_store(path)
+    return f"sqlite:///{path}"
 
 
 def is_remote(uri: str) -> bool:
-    """Runs for a tracking server go through the spool; embedded stores are written directly."""
     return uri.startswith(("http://", "https://"))
+
+
+def is_embedded(uri: str) -> bool:
+    """A SQLite file store (not an in-memory one)."""
+    from mnistflow import tracking
+
+    return tracking.sqlite_path(uri) is not None
+
+
+def is_spool(uri: str) -> bool:
+    """Whether uri is the spool store itself (compared by resolved path)."""
+    from mnistflow import tracking
+
+    path = tracking.sqlite_path(uri)
+    return path is not None and path == (spool_dir() / "spool.db").resolve()
+
+
+def spools(uri: str) -> bool:
+    """Whether a run for uri goes through the spool: runs for a tracking server or an
+    embedded store do, so one code path (autolog, artifacts and models included) survives
+    either going away; the spool itself and other databases are written directly."""
+    return is_remote(uri) or (is_embedded(uri) and not is_spool(uri))
+
+
+def target_uri(uri: str) -> str:
+    """uri as recorded on a spool run: an embedded store by its absolute path, so that
+    `mnistflow sync` run from another folder sends the run to the same store."""
+    from mnistflow import tracking
+
+    path = tracking.sqlite_path(uri)
+    return f"sqlite:///{path}" if path is not None else uri
+
+
+def open_target(target: str) -> MlflowClient:
+    """A client of target. An embedded store is checked first (StoreUnwritable when it cannot
+    be written) and made whole when it does not exist: MlflowClient would create it on the
+    spot, step by step, and a full disk would leave it half-made."""
+    from mnistflow import tracking
+
+    path = tracking.sqlite_path(target)
+    if path is not None:
+        tracking.check_writable(target)
+        if not path.exists():
+            tracking.create_sqlite_store(path)
+    return MlflowClient(target, registry_uri=target)
+
+
+def outage_reason(error: BaseException, target: str) -> str:
+    """One sentence for an outage of target (see remote.is_outage)."""
+    if is_embedded(target):
+        return remote.store_sentence(error, target) or f"The MLflow store {target} failed: {error}"
+    return remote.sentence(error, target) or (
+        f"The tracking server at {target} did not answer ({type(error).__name__})."
+    )
+
+
+class _HandledStoreErrors(logging.Filter):
+    """Drops MLflow's own log of a SQLite error that is an unwritable store (it logs each
+    with its traceback, then raises it): we say it once, in one sentence."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        errors = [a for a in args if isinstance(a, BaseException)]
+        if record.exc_info and record.exc_info[1] is not None:
+            errors.append(record.exc_info[1])
+        return not any(remote.unwritable(e) for e in errors)
+
+
+def quiet_store_errors() -> None:
+    """Install _HandledStoreErrors on MLflow's database logger (once per process)."""
+    logger = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _HandledStoreErrors) for f in logger.filters):
+        logger.addFilter(_HandledStoreErrors())
 
 
 def auth_problem(error: BaseException, target: str) -> str | None:
@@ -132,10 +219,10 @@ class SyncResult:
 
 @dataclass
 class RunCopier:
-    """Copies one spool run to its server, idempotently (see the module's docstring)."""
+    """Copies one spool run to its target store, idempotently (see the module's docstring)."""
 
     spool: MlflowClient
-    remote: MlflowClient
+    target: str
     spool_run_id: str
     # What this process has sent already; a fresh copier re-sends (harmlessly) from zero.
     sent_metrics: dict[str, int] = field(default_factory=dict)
@@ -145,6 +232,14 @@ class RunCopier:
     linked: set[str] = field(default_factory=set)  # server models that have their metrics
     remote_run_id: str | None = None
     remote_experiment_id: str | None = None
+    _remote: MlflowClient | None = None
+
+    @property
+    def remote(self) -> MlflowClient:
+        """The target's client, opened on first use (see open_target)."""
+        if self._remote is None:
+            self._remote = open_target(self.target)
+        return self._remote
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -192,7 +287,6 @@ class RunCopier:
             and k != "mlflow.runName"
             and k not in self.sent_fields["held"]
         ]
-
         tags.append(RunTag(SPOOL_RUN, self.spool_run_id))
         if self.sent_fields.get("params") != params or self.sent_fields.get("tags") != tags:
             # MLflow takes at most 100 params and 100 tags per call.
@@ -319,12 +413,10 @@ class RunCopier:
                 self.remote.log_artifact(remote_id, str(path), folder)
                 self.sent_artifacts.add(str(relative))
         finally:
-            import shutil
-
             shutil.rmtree(root, ignore_errors=True)
 
     def finish(self) -> SyncResult:
-        """The whole run onto the server, its registration, then its end; safe to repeat."""
+        """The whole run onto its target, its registration, then its end; safe to repeat."""
         run = self.spool.get_run(self.spool_run_id)
         target = run.data.tags.get(TARGET, "")
         result = SyncResult(self.spool_run_id, target)
@@ -369,6 +461,14 @@ class RunCopier:
         return str(self.spool.get_logged_model(spool_model_id).name)
 
 
+def local_folder(artifact_uri: str) -> Path | None:
+    """The folder an artifact URI names on this machine; None for remote ones."""
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme not in ("", "file"):
+        return None
+    return Path(urllib.request.url2pathname(parsed.path))
+
+
 def _rewrite_ids(model_dir: Path, model_id: str, run_id: str) -> None:
     """Point the copied MLmodel file at its server model and run, not the spool's."""
     from mlflow.models import Model
@@ -391,10 +491,10 @@ def remote_experiment(client: MlflowClient, name: str) -> str:
 
 
 class Forwarder(threading.Thread):
-    """Copies a run's params, tags and metrics to the server while it trains, every few
+    """Copies a run's params, tags and metrics to its target while it trains, every few
     seconds; an outage only postpones the next copy. Never raises into training."""
 
-    def __init__(self, copier: RunCopier, interval: float = 2.0) -> None:
+    def __init__(self, copier: RunCopier, interval: float = FORWARD_INTERVAL_S) -> None:
         super().__init__(name="mnistflow-forwarder", daemon=True)
         self.copier = copier
         self.interval = interval
@@ -410,19 +510,27 @@ class Forwarder(threading.Thread):
         """One copy; True when the server took it."""
         if self.refused:
             return False
+        target = self.copier.target
         try:
             self.copier.push_run_data()
         except Exception as e:
-            self.refused = auth_problem(e, str(self.copier.remote.tracking_uri))
-            if self.refused is None and not remote.is_outage(e):
-                log.warning("copying run %s to the server failed: %s", self.copier.spool_run_id, e)
+            self.refused = auth_problem(e, target)
+            outage = remote.is_outage(e)
+            if self.refused is None and not outage:
+                log.warning("copying run %s to %s failed: %s", self.copier.spool_run_id, target, e)
             if self.outage_since is None:
                 self.outage_since = time.monotonic()
-                log.warning("the tracking server is not answering; the run goes on in the spool")
+                if not is_embedded(target):
+                    log.warning(
+                        "the tracking server is not answering; the run goes on in the spool"
+                    )
+                elif outage:
+                    log.warning("%s The run goes on in the spool.", outage_reason(e, target))
             return False
         if self.outage_since is not None:
             log.warning(
-                "the tracking server answers again after %.0f s; catching up",
+                "%s takes writes again after %.0f s; catching up",
+                "the MLflow store" if is_embedded(target) else "the tracking server",
                 time.monotonic() - self.outage_since,
             )
             self.outage_since = None
@@ -436,22 +544,19 @@ class Forwarder(threading.Thread):
 def finish_with_deadline(copier: RunCopier, deadline_s: float) -> SyncResult:
     """The final copy at the end of a command: try until it works or deadline_s pass."""
     end = time.monotonic() + deadline_s
-    last: BaseException | None = None
+    target = copier.target
     while True:
         try:
             return copier.finish()
         except Exception as e:
-            problem = auth_problem(e, str(copier.remote.tracking_uri))
+            problem = auth_problem(e, target)
             if problem:
                 raise MnistflowError(problem) from e
             if not remote.is_outage(e):
                 raise
             last = e
         if time.monotonic() >= end:
-            target = str(copier.remote.tracking_uri)
-            reason = remote.sentence(last, target) or (
-                f"The tracking server at {target} did not answer ({type(last).__name__})."
-            )
+            reason = outage_reason(last, target)
             _mark_failed(copier, reason)
             return SyncResult(copier.spool_run_id, target, copier.remote_run_id, error=reason)
         time.sleep(2)
@@ -470,7 +575,9 @@ def _mark_failed(copier: RunCopier, reason: str) -> None:
             copier.remote.set_tag(copier.remote_run_id, "failure_reason", why)
             copier.remote.set_terminated(copier.remote_run_id, "FAILED")
             return
-        except Exception as e:  # the server may be away altogether
+        except Exception as e:  # the store may be away altogether
+            if remote.is_outage(e) and is_embedded(copier.target):
+                return  # a full or read-only store: the sentence above said it already
             if attempt == 2:
                 log.warning("could not mark run %s FAILED: %s", copier.remote_run_id, e)
 
@@ -492,16 +599,22 @@ def sync(folder: Path | None = None, target: str | None = None) -> list[SyncResu
 
 
 def _sync(folder: Path | None, target: str | None) -> list[SyncResult]:
+    quiet_store_errors()
     spool = MlflowClient(spool_uri(folder))
+    wanted = target_uri(target) if target else None
     results = []
     for run in pending(folder):
         uri = run.data.tags[TARGET]
-        if target and uri != target:
+        if wanted and uri != wanted:
             continue
         if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
             results.append(SyncResult(run.info.run_id, uri, error="still running"))
             continue
-        copier = RunCopier(spool, MlflowClient(uri, registry_uri=uri), run.info.run_id)
+        if gone := _gone(uri):
+            results.append(SyncResult(run.info.run_id, uri, run.data.tags.get(REMOTE_RUN),
+                                      error=gone))  # fmt: skip
+            continue
+        copier = RunCopier(spool, uri, run.info.run_id)
         try:
             results.append(copier.finish())
         except Exception as e:
@@ -510,17 +623,32 @@ def _sync(folder: Path | None, target: str | None) -> list[SyncResult]:
                 raise MnistflowError(problem) from e
             if not remote.is_outage(e):
                 raise
-            results.append(
-                SyncResult(run.info.run_id, uri, copier.remote_run_id,
-                           error=f"the tracking server at {uri} did not answer")
+            error = (
+                outage_reason(e, uri) if is_embedded(uri)
+                else f"the tracking server at {uri} did not answer"
             )  # fmt: skip
+            results.append(SyncResult(run.info.run_id, uri, copier.remote_run_id, error=error))
     return results
 
 
-class Session:
-    """One training run spooled for a server: opened before the run, finished after it.
+def _gone(target: str) -> str | None:
+    """One sentence when an embedded target's folder no longer exists: sync makes no store
+    in its place (one the user did not ask for); the run waits in the spool."""
+    from mnistflow import tracking
 
-    session = Session(target, require_server)    # checks the server (or warns)
+    path = tracking.sqlite_path(target)
+    if path is None or path.parent.is_dir():
+        return None
+    return (
+        f"the folder of the MLflow store {target} no longer exists; create {path.parent} "
+        "to send the run there"
+    )
+
+
+class Session:
+    """One training run spooled for its target store: opened before the run, finished after.
+
+    session = Session(target, require_server)    # checks the target (or warns)
     ... start the run in the spool store (session.uri), then session.attach(run_id)
     ... train; the forwarder copies as it goes
     result = session.finish(deadline_s)          # after the spool run has ended
@@ -529,51 +657,97 @@ class Session:
     def __init__(self, target: str, require_server: bool = False) -> None:
         from mnistflow import tracking
 
-        self.target = target
-        self.uri = spool_uri()
-        self.remote = MlflowClient(target, registry_uri=target)
+        self.target = target_uri(target)
+        self.embedded = is_embedded(self.target)
+        self.uri = ""  # the spool's, once the target is checked (a refusal makes nothing)
         self.copier: RunCopier | None = None
         self.forwarder: Forwarder | None = None
-        self.server_up = True
+        self.server_up = True  # the target takes writes (a server answers, a store is writable)
         self._requests = short_requests()
         self._requests.__enter__()
+        if self.embedded:
+            quiet_store_errors()
         try:
-            # Wrong credentials or a server that is not MLflow are not outages: they stop here.
-            tracking.check_reachable(target)
-        except tracking.ServerUnavailable as e:
+            # Wrong credentials, a server that is not MLflow, or a store folder that does not
+            # exist are not outages: they stop here.
+            if self.embedded:
+                tracking.check_writable(self.target)
+            else:
+                tracking.check_reachable(self.target)
+        except tracking.StoreUnavailable as e:
             if require_server:
                 self._requests.__exit__(None, None, None)
                 raise
             self.server_up = False
-            log.warning(
-                "%s Training goes on into the local spool (%s), to be sent when it is back.",
-                e, self.uri,
-            )  # fmt: skip
+            unavailable = e
         except MnistflowError:
             self._requests.__exit__(None, None, None)
             raise
+        self.uri = spool_uri()
+        if not self.server_up:
+            log.warning(
+                "%s Training goes on into the local spool (%s), to be sent %s.",
+                unavailable, self.uri, remote.send_later(self.target),
+            )  # fmt: skip
 
     def experiment_of(self, remote_run_id: str) -> str:
-        """The name of the server experiment that holds remote_run_id."""
-        run = self.remote.get_run(remote_run_id)
-        return str(self.remote.get_experiment(run.info.experiment_id).name)
+        """The name of the target's experiment that holds remote_run_id."""
+        client = open_target(self.target)
+        run = client.get_run(remote_run_id)
+        return str(client.get_experiment(run.info.experiment_id).name)
 
     def attach(self, spool_run_id: str, remote_run_id: str | None = None) -> None:
-        """Start copying spool_run_id; remote_run_id: a server run it completes (an MLflow
+        """Start copying spool_run_id; remote_run_id: a target run it completes (an MLflow
         Project's), instead of one found or created by the copy."""
         spool = MlflowClient(self.uri)
         spool.set_tag(spool_run_id, TARGET, self.target)
         if remote_run_id:
             spool.set_tag(spool_run_id, REMOTE_RUN, remote_run_id)
-        self.copier = RunCopier(spool, self.remote, spool_run_id)
-        self.forwarder = Forwarder(self.copier)
-        if self.server_up:
-            # The server's run exists from the start, so the UI shows it while it trains.
-            self.forwarder.step()
+        self.copier = RunCopier(spool, self.target, spool_run_id)
+        # Copying into a local store is work for this process's 2 cores, not a wait on a
+        # network: see FORWARD_INTERVAL_EMBEDDED_S.
+        interval = FORWARD_INTERVAL_EMBEDDED_S if self.embedded else FORWARD_INTERVAL_S
+        self.forwarder = Forwarder(self.copier, interval)
+        if not self.server_up:
+            self.forwarder.outage_since = time.monotonic()  # said once, in __init__
+        # The target's run exists from the start, so the UI shows it while it trains.
+        if self.server_up and self.forwarder.step() and self.embedded:
+            self._check_artifacts()
         self.forwarder.start()
 
+    def _check_artifacts(self) -> None:
+        """Before training: the target run's artifact folder takes files. One that cannot for
+        a reason no waiting mends (a file in its place) fails the run now, with why, as the
+        first artifact did when runs were written directly; a full disk is an outage."""
+        assert self.copier is not None and self.copier.remote_run_id is not None
+        from mnistflow import tracking
+
+        run_id = self.copier.remote_run_id
+        artifact_uri = self.copier.remote.get_run(run_id).info.artifact_uri
+        folder = local_folder(artifact_uri)
+        if folder is None:
+            return
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            if remote.is_outage(e):
+                log.warning("%s The run goes on in the spool.", outage_reason(e, self.target))
+                return
+            reason = (
+                f"Cannot write artifacts to {artifact_uri} ({e}); make it writable or set "
+                "another artifact location for the experiment."
+            )
+            self.copier.remote.set_tag(run_id, tracking.FAILURE_TAG, f"MnistflowError: {reason}")
+            self.copier.remote.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+            # Nothing of this run is left to send.
+            self.copier.spool.set_tag(self.copier.spool_run_id, DONE, "true")
+            self._requests.__exit__(None, None, None)
+            raise MnistflowError(reason) from e
+
     def register_as(self, name: str) -> None:
-        """Register the run's model under name once it is on the server."""
+        """Register the run's model under name once it is on the target."""
         assert self.copier is not None
         self.copier.spool.set_tag(self.copier.spool_run_id, REGISTER_AS, name)
 
@@ -583,6 +757,10 @@ class Session:
 
     def finish(self, deadline_s: float) -> SyncResult:
         """Stop the forwarder and copy the ended run, trying for up to deadline_s."""
+        if self.embedded:
+            # A full disk or a permission does not mend itself in the minute a restarting
+            # server takes: one try; the run waits in the spool for `mnistflow sync`.
+            deadline_s = 0
         try:
             assert self.copier is not None and self.forwarder is not None
             self.forwarder.stop()

@@ -17,9 +17,11 @@ or FAILED.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
+import tempfile
 import time
 import uuid
 import warnings
@@ -70,8 +72,83 @@ def check_reachable(uri: str) -> None:
             )
 
 
-class ServerUnavailable(MnistflowError):
-    """The tracking server did not answer, or answered 5xx: an outage, not a refusal."""
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a SQLite store URI (absolute); None for other URIs and for
+    in-memory databases."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if path in ("", ":memory:"):
+        return None
+    return Path(path).expanduser().resolve()
+
+
+class StoreUnavailable(MnistflowError):
+    """The store cannot take writes now but may later: an outage, not a refusal."""
+
+
+class ServerUnavailable(StoreUnavailable):
+    """The tracking server did not answer, or answered 5xx."""
+
+
+class StoreUnwritable(StoreUnavailable):
+    """An embedded store's disk is full, or it is read-only or not ours to write."""
+
+
+# What the writability check writes (and removes): about a spool round of metrics.
+PROBE_BYTES = 64 * 1024
+
+
+def check_writable(uri: str) -> None:
+    """For a SQLite store: one sentence when its folder does not exist (a wrong URI), and
+    StoreUnwritable when it cannot be written now (disk full, read-only, no permission).
+
+    It writes, because nothing else tells: os.access says yes to root and knows nothing of
+    free space. The probe is an unnamed file (O_TMPFILE), so nothing is left behind.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        raise MnistflowError(
+            f"Cannot create the MLflow store {uri}: {path.parent} is not a writable folder."
+        )
+    from mnistflow import remote
+
+    try:
+        if path.exists():
+            with path.open("r+b"):  # a read-only file or file system refuses this
+                pass
+        with tempfile.TemporaryFile(dir=path.parent) as probe:
+            probe.write(bytes(PROBE_BYTES))
+            probe.flush()
+    except OSError as e:
+        cause = OSError(e.errno, e.strerror)  # without the probe's own (random) file name
+        reason = remote.store_sentence(cause, uri)
+        if reason is None:
+            raise MnistflowError(f"Cannot write the MLflow store {uri}: {e.strerror}.") from e
+        raise StoreUnwritable(reason) from cause
+
+
+def create_sqlite_store(path: Path) -> None:
+    """A new, empty SQLite MLflow store at path, whole or not at all.
+
+    MLflow creates its tables step by step, so a disk that fills (or a second process that
+    starts at the same moment) can leave a half-made store that no later command can open.
+    Here it is made under a temporary name beside path and linked into place; when another
+    process got there first, its store is as good. Experiment 0 keeps its artifacts beside
+    the database, as create_experiment does for ours.
+    """
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    making = path.with_name(f".{path.name}.{uuid.uuid4().hex}.making")
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{making}", str(path.parent / "mlruns"))
+        store.engine.dispose()
+        with contextlib.suppress(FileExistsError):
+            os.link(making, path)
+    finally:
+        making.unlink(missing_ok=True)
 
 
 def _check_server(uri: str) -> None:
@@ -237,6 +314,17 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
+def _uri_set_here() -> str | None:
+    """The tracking URI this process set (mlflow.set_tracking_uri); None when it set none, so
+    that MLFLOW_TRACKING_URI or MLflow's default is in force. MLflow keeps it in a module
+    global with no public getter; mlflow.get_tracking_uri() cannot tell the two apart, and
+    setting what it returns would pin the environment's URI for later runs in this process."""
+    from mlflow.tracking._tracking_service import utils
+
+    uri = getattr(utils, "_tracking_uri", None)
+    return str(uri) if uri is not None else None
+
+
 class TrackedRun(Reporter):
     """An MLflow run as a context manager and a training Reporter."""
 
@@ -254,15 +342,17 @@ class TrackedRun(Reporter):
 
     def __enter__(self) -> TrackedRun:
         self.tracking_uri = resolve_tracking_uri(self.config.tracking_uri)
+        # Put back once a spooled run is through (it points MLflow at the spool meanwhile).
+        self._uri_set = _uri_set_here()
         self.spooled: spool.Session | None = None
         self.sync_result: spool.SyncResult | None = None
         experiment = self.config.experiment
         project_run = None
-        # A sweep's trials nest under (or reopen) runs on the server itself: they are
+        # A sweep's trials nest under (or reopen) runs in the store itself: they are
         # logged there directly, not spooled.
         nested = self.config.parent_run_id or self.config.resume_run_id
-        if spool.is_remote(self.tracking_uri) and not nested:
-            # Training writes only to the local spool; the server gets a copy (spool.py).
+        if spool.spools(self.tracking_uri) and not nested:
+            # Training writes only to the local spool; the store gets a copy (spool.py).
             self.spooled = spool.Session(self.tracking_uri, self.config.require_server)
             # The run an MLflow Project started on the server is the one the copy completes;
             # the spool's run is a new one in the spool store.
@@ -300,7 +390,13 @@ class TrackedRun(Reporter):
         self.experiment_id = run.info.experiment_id
         self.run_id = run.info.run_id
         if self.spooled:
-            self.spooled.attach(self.run_id, remote_run_id=project_run)
+            try:
+                self.spooled.attach(self.run_id, remote_run_id=project_run)
+            except BaseException:
+                # The store refused the run before training (see Session.attach).
+                mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+                mlflow.set_tracking_uri(self._uri_set)  # type: ignore[arg-type]
+                raise
         return self
 
     def __exit__(
@@ -326,7 +422,7 @@ class TrackedRun(Reporter):
         finally:
             mlflow.end_run(RunStatus.to_string(status))
         if self.spooled:
-            mlflow.set_tracking_uri(self.tracking_uri)
+            mlflow.set_tracking_uri(self._uri_set)  # type: ignore[arg-type]
             # A run that failed or was interrupted is not worth a long wait for the server:
             # it stays in the spool for `mnistflow sync`.
             wait = self.config.wait_for_server_seconds
