@@ -435,9 +435,22 @@ class RunCopier:
         self._forget_waiting(remote_id, run.data.tags)
         self.remote.set_terminated(remote_id, run.info.status, run.info.end_time)
         self.spool.set_tag(self.spool_run_id, DONE, "true")
+        self._drop_files(run)
         result.complete = True
         result.models = dict(self.models)
         return result
+
+    def _drop_files(self, run: Any) -> None:
+        """The spool's copy of a run's files (artifacts, models) once the run is whole on its
+        target: every default run passes through the spool, and keeping them would double
+        the disk each run takes. Its record stays, marked done."""
+        models = self.spool.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{self.spool_run_id}'",
+        )
+        for uri in [run.info.artifact_uri, *(m.artifact_location for m in models)]:
+            if (folder := local_folder(uri)) is not None:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _forget_waiting(self, remote_id: str, spool_tags: dict[str, str]) -> None:
         """The target's run loses the failure reason _mark_failed gave it while the copy
