@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from mnistflow import registry, servers
+from mnistflow import registry, servers, spool
 from mnistflow.cli import app
 from mnistflow.servers import free_port as free_port
 from mnistflow.servers import wait_until_up as wait_until_up
@@ -41,13 +42,33 @@ def _hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     saved = dict(os.environ)
     os.environ["MNISTFLOW_MNIST_MIRROR"] = str(MIRROR)
     os.environ["MNISTFLOW_DATA_DIR"] = str(tmp_path_factory.mktemp("data-cache"))
-    # Runs meant for a tracking server are spooled here, never in the user's home.
+    # Runs are spooled here (and per test, see _own_spool), never in the user's home.
     os.environ["MNISTFLOW_SPOOL_DIR"] = str(tmp_path_factory.mktemp("spool"))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("MLFLOW_REGISTRY_URI", None)
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def _empty_spool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty spool store, made once: MLflow takes seconds to create its tables."""
+    folder = tmp_path_factory.mktemp("empty-spool")
+    spool.spool_uri(folder)
+    return folder / "spool.db"
+
+
+@pytest.fixture(autouse=True)
+def _own_spool(
+    _empty_spool: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Each test spools into a folder of its own (runs for embedded stores go through the
+    spool too), so a run one test leaves waiting is never sent to another test's store."""
+    folder = tmp_path_factory.mktemp("spool")
+    shutil.copyfile(_empty_spool, folder / "spool.db")
+    monkeypatch.setenv("MNISTFLOW_SPOOL_DIR", str(folder))
+    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
-"""Tracking that survives the server going down, against a real `mlflow server` on loopback:
-paused, killed and restarted, never there; `mnistflow sync` delivers exactly once."""
+"""Tracking that survives the store going away: a real `mlflow server` on loopback paused,
+killed and restarted, never there; an embedded store on a small tmpfs that fills up or is
+read-only; `mnistflow sync` delivers exactly once."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_ARGS, MNISTFLOW, free_port, run_cli
-from mnistflow import servers
+from mnistflow import servers, spool
 
-# Each test trains against a real mlflow server that it pauses, kills or never starts.
-pytestmark = [pytest.mark.server, pytest.mark.slow]
+# Each test trains (in a child process, or two) and syncs: tens of seconds.
+pytestmark = pytest.mark.slow
 
 
 @dataclass
@@ -79,11 +80,10 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 
 @pytest.fixture
-def spool_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "spool"
-    monkeypatch.setenv("MNISTFLOW_SPOOL_DIR", str(folder))
+def spool_folder(_own_spool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test's own spool (see conftest); the working directory is tmp_path."""
     monkeypatch.chdir(tmp_path)
-    return folder
+    return _own_spool
 
 
 def histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
@@ -168,6 +168,7 @@ def only_run(server: Server) -> str:
     return run.info.run_id
 
 
+@pytest.mark.server  # a real mlflow server it pauses, kills or never starts
 def test_a_paused_server_costs_the_run_nothing(server, spool_folder, reference, spawn):
     server.start()
     proc = start_training(spawn, server.uri)
@@ -182,6 +183,7 @@ def test_a_paused_server_costs_the_run_nothing(server, spool_folder, reference, 
     assert only_run(server) == run_id  # one run, not a second one
 
 
+@pytest.mark.server  # a real mlflow server it pauses, kills or never starts
 def test_a_restarted_server_gets_the_same_run_completed(server, spool_folder, reference, spawn):
     server.start()
     proc = start_training(spawn, server.uri)
@@ -196,6 +198,7 @@ def test_a_restarted_server_gets_the_same_run_completed(server, spool_folder, re
     assert only_run(server) == run_id
 
 
+@pytest.mark.server  # a real mlflow server it pauses, kills or never starts
 def test_a_server_gone_for_good_leaves_the_run_to_sync_once(server, spool_folder, reference, spawn):
     server.start()
     proc = start_training(spawn, server.uri, "--register", "--wait-for-server", "2")
@@ -223,6 +226,7 @@ def test_a_server_gone_for_good_leaves_the_run_to_sync_once(server, spool_folder
     assert len(client.search_model_versions("name='mnist'")) == 1
 
 
+@pytest.mark.server  # a real mlflow server it pauses, kills or never starts
 def test_no_server_at_start_trains_into_the_spool(server, spool_folder, reference, cli):
     refused = cli(*TRAIN, "--tracking-uri", server.uri, "--require-server")
     assert refused.exit_code == 1 and "Cannot reach the MLflow tracking server" in refused.stderr
@@ -242,3 +246,141 @@ def test_no_server_at_start_trains_into_the_spool(server, spool_folder, referenc
     assert again.json()["synced"] == []
     counts = {k: len(v) for k, v in histories(client, only["remote_run_id"]).items()}
     assert counts == {k: len(v) for k, v in reference.items()}
+
+
+# -- an embedded store whose disk fills up, or that is read-only --------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a 16 MB tmpfs of its own, unmounted at teardown (mounting needs root)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)]
+    mounted = subprocess.run(mount, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip() or 'refused'}")
+    try:
+        yield folder
+    finally:
+        # Lazily, should a child still hold a file there: the mount goes either way.
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Fill folder's disk to the brim with one file."""
+    filler = folder / "filler"
+    with filler.open("wb", buffering=0) as f:
+        for size in (1 << 20, 1 << 12):  # MBs, then pages, until neither fits
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(bytes(size))
+    return filler
+
+
+def wait_for_store_run(db: Path, timeout: float = 120) -> str:
+    """The id of the run the training command opened in the SQLite store db, once it is
+    there (the store itself is made by the command, whole: not opened before it exists)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if db.exists():
+            client = MlflowClient(f"sqlite:///{db}")
+            experiment = client.get_experiment_by_name("mnist")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            if runs:
+                return runs[0].info.run_id
+        time.sleep(0.2)
+    raise AssertionError("the training run never appeared in the store")
+
+
+def runs_in(uri: str) -> list[str]:
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return [r.info.run_id for r in client.search_runs(experiments)]
+
+
+def test_a_store_whose_disk_fills_mid_run_loses_nothing(small_disk, spool_folder, reference, spawn):
+    db = small_disk / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    proc = start_training(spawn, uri, "--register")
+    run_id = wait_for_store_run(db)  # the run has started in the store
+    filler = fill(small_disk)
+    outcome = finish(proc)  # training went on: exit 0, no traceback
+    assert outcome["json"]["spooled"] is True and outcome["json"]["run_id"] == run_id
+    said = " ".join(outcome["stderr"].split())
+    assert f"The MLflow store {uri} cannot be written now: its disk is full." in said
+    assert "send it with mnistflow sync once the store can be written again" in said
+
+    filler.unlink()
+    first = run_cli("sync", "--json")
+    assert first.exit_code == 0, first.stderr
+    (synced,) = first.json()["synced"]
+    assert synced["complete"] and synced["remote_run_id"] == run_id  # the same run, completed
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    assert_complete(client, run_id, reference)
+    assert "failure_reason" not in client.get_run(run_id).data.tags
+    assert client.get_model_version("mnist", synced["registered_version"]).run_id == run_id
+
+    # Again: nothing is sent twice, nothing waits.
+    before = histories(client, run_id)
+    assert run_cli("sync", "--json").json()["synced"] == []
+    assert histories(client, run_id) == before and runs_in(uri) == [run_id]
+    assert len(client.search_model_versions("name='mnist'")) == 1
+
+
+def test_a_full_store_at_start_trains_into_the_spool_unless_required(
+    small_disk, spool_folder, reference, cli, caplog
+):
+    uri = f"sqlite:///{small_disk / 'mlflow.db'}"
+    filler = fill(small_disk)
+    refused = cli(*TRAIN, "--tracking-uri", uri, "--require-server")
+    assert refused.exit_code == 1 and "Traceback" not in refused.stderr
+    assert " ".join(refused.stderr.split()) == (
+        f"Error: The MLflow store {uri} cannot be written now: its disk is full."
+    )
+    assert [p.name for p in small_disk.iterdir()] == ["filler"]  # no store made
+    assert runs_in(spool.spool_uri()) == []  # and nothing spooled
+
+    result = cli(*TRAIN, "--tracking-uri", uri)
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["spooled"] is True
+    warned = f"The MLflow store {uri} cannot be written now: its disk is full. Training goes on"
+    assert len([m for m in caplog.messages if m.startswith(warned)]) == 1  # warned once
+    assert "The run is kept in the local spool; send it with mnistflow sync" in " ".join(
+        result.stderr.split()
+    )
+
+    filler.unlink()
+    synced = cli("sync", "--json")
+    assert synced.exit_code == 0, synced.stderr
+    (only,) = synced.json()["synced"]
+    mlflow.set_tracking_uri(uri)
+    assert_complete(MlflowClient(uri), only["remote_run_id"], reference)
+    assert cli("sync", "--json").json()["synced"] == []
+    assert runs_in(uri) == [only["remote_run_id"]]
+
+
+def test_a_read_only_store_spools_and_a_store_gone_is_not_made_again(small_disk, spool_folder, cli):
+    uri = f"sqlite:///{small_disk / 'mlflow.db'}"
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    result = cli(*TRAIN, "--tracking-uri", uri)
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["spooled"] is True
+    assert result.json()["spool_reason"] == (
+        f"The MLflow store {uri} cannot be written now: it is read-only."
+    )
+
+    # The store's folder goes away: sync says so and makes nothing in its place.
+    subprocess.run(["umount", str(small_disk)], check=True)
+    small_disk.rmdir()
+    synced = cli("sync", "--json")
+    assert synced.exit_code == 1 and "Traceback" not in synced.stderr
+    (waited,) = synced.json()["synced"]
+    assert waited["error"] == (
+        f"the folder of the MLflow store {uri} no longer exists; create {small_disk} to send "
+        "the run there"
+    )
+    assert not small_disk.exists()
+    (waiting,) = cli("sync", "--list", "--json").json()["pending"]
+    assert waiting["server"] == uri
