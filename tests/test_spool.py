@@ -384,3 +384,15 @@ def test_a_read_only_store_spools_and_a_store_gone_is_not_made_again(small_disk,
     assert not small_disk.exists()
     (waiting,) = cli("sync", "--list", "--json").json()["pending"]
     assert waiting["server"] == uri
+
+
+def test_a_spool_on_a_full_disk_says_so_and_where_to_move_it(small_disk, store, cli, monkeypatch):
+    fill(small_disk)
+    monkeypatch.setenv("MNISTFLOW_SPOOL_DIR", str(small_disk / "spool"))
+    result = cli(*TRAIN, "--tracking-uri", store)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert " ".join(result.stderr.split()).endswith(
+        f"Error: The local spool sqlite:///{small_disk / 'spool' / 'spool.db'} cannot be "
+        "written now: its disk is full; set MNISTFLOW_SPOOL_DIR to a folder on another disk."
+    )
+    assert not Path(store.removeprefix("sqlite:///")).exists()  # no store made either

@@ -94,11 +94,17 @@ def spool_uri(folder: Path | None = None) -> str:
     from mnistflow import tracking
 
     folder = folder or spool_dir()
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder.resolve() / "spool.db"
-    if not path.exists():
-        tracking.create_sqlite_store(path)
-    return f"sqlite:///{path}"
+    uri = f"sqlite:///{path}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            tracking.create_sqlite_store(path)
+    except Exception as e:
+        if reason := remote.store_sentence(e, uri):
+            raise MnistflowError(reason) from e
+        raise
+    return uri
 
 
 def is_remote(uri: str) -> bool:
