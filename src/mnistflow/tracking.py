@@ -343,7 +343,7 @@ class TrackedRun(Reporter):
     def __enter__(self) -> TrackedRun:
         self.tracking_uri = resolve_tracking_uri(self.config.tracking_uri)
         # Put back once a spooled run is through (it points MLflow at the spool meanwhile).
-        self._uri_set = _uri_set_here()
+        self._uri_before = (_uri_set_here(), os.environ.get("MLFLOW_TRACKING_URI"))
         self.spooled: spool.Session | None = None
         self.sync_result: spool.SyncResult | None = None
         experiment = self.config.experiment
@@ -395,7 +395,7 @@ class TrackedRun(Reporter):
             except BaseException:
                 # The store refused the run before training (see Session.attach).
                 mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
-                mlflow.set_tracking_uri(self._uri_set)  # type: ignore[arg-type]
+                self._restore_uri()
                 raise
         return self
 
@@ -422,11 +422,21 @@ class TrackedRun(Reporter):
         finally:
             mlflow.end_run(RunStatus.to_string(status))
         if self.spooled:
-            mlflow.set_tracking_uri(self._uri_set)  # type: ignore[arg-type]
+            self._restore_uri()
             # A run that failed or was interrupted is not worth a long wait for the server:
             # it stays in the spool for `mnistflow sync`.
             wait = self.config.wait_for_server_seconds
             self.sync_result = self.spooled.finish(wait if exc_type is None else min(wait, 5))
+
+    def _restore_uri(self) -> None:
+        """The tracking URI as it was before the run: the one this process set, and
+        MLFLOW_TRACKING_URI (mlflow.set_tracking_uri sets or unsets it too)."""
+        uri_set, environment = self._uri_before
+        mlflow.set_tracking_uri(uri_set)  # type: ignore[arg-type]
+        if environment is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = environment
 
     @property
     def artifact_uri(self) -> str:
