@@ -210,7 +210,7 @@ def test_fast_net_default_width_is_the_preset_network():
         (24,),
         (48, 24, 5, 5),
         (48,),
-        (96, 768),
+        (96, 1200),
         (96,),
         (10, 96),
         (10,),

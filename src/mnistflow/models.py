@@ -22,13 +22,18 @@ class Standardize(nn.Module):
 
 
 # The fast preset's network width: 24 reaches 99.1-99.3% in one epoch (16 only about 99.0%;
-# measured over seeds, README) at about 2.3 M multiply-adds per image.
+# measured over seeds, README).
 FAST_WIDTH = 24
 
 
 class FastNet(nn.Module):
-    """LeNet-style CNN: few multiply-adds (about 2.3 M per image at the default width), so an
-    epoch is seconds on a CPU.
+    """LeNet-style CNN with a strided first convolution: about 3 M multiply-adds per image at
+    the default width, so an epoch is seconds on a CPU.
+
+    The first layer is a 5x5 convolution with stride 2 instead of LeNet's convolution and
+    2x2 pooling: the same 28 -> 14 reduction without a full-resolution activation map and
+    its pooling, which (not the multiply-adds) dominated a CPU step (measured with
+    torch.profiler: about 15% faster per epoch, the same accuracy within seeds).
 
     width: channels of the first convolution (W); the second has 2W, the hidden layer 4W.
     """
@@ -39,15 +44,14 @@ class FastNet(nn.Module):
         w = width
         self.features = nn.Sequential(
             Standardize(),
-            nn.Conv2d(1, w, 5),  # (B, 1, 28, 28) -> (B, W, 24, 24)
+            nn.Conv2d(1, w, 5, stride=2, padding=2),  # (B, 1, 28, 28) -> (B, W, 14, 14)
             nn.ReLU(),
-            nn.MaxPool2d(2),  # -> (B, W, 12, 12)
-            nn.Conv2d(w, 2 * w, 5),  # -> (B, 2W, 8, 8)
+            nn.Conv2d(w, 2 * w, 5),  # -> (B, 2W, 10, 10)
             nn.ReLU(),
-            nn.MaxPool2d(2),  # -> (B, 2W, 4, 4)
-            nn.Flatten(),  # -> (B, 32W)
+            nn.MaxPool2d(2),  # -> (B, 2W, 5, 5)
+            nn.Flatten(),  # -> (B, 50W)
         )
-        self.head = nn.Sequential(nn.Linear(32 * w, 4 * w), nn.ReLU(), nn.Linear(4 * w, 10))
+        self.head = nn.Sequential(nn.Linear(50 * w, 4 * w), nn.ReLU(), nn.Linear(4 * w, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # type: ignore[no-any-return]
