@@ -148,17 +148,21 @@ def finish(proc: subprocess.Popen[str], timeout: float = 300) -> dict:
     return {"json": json.loads(stdout.strip().splitlines()[-1]), "stderr": stderr}
 
 
-def wait_for_remote_run(server: Server, timeout: float = 120) -> str:
-    """The id of the run the training command opened on the server, once it is there."""
-    client = MlflowClient(server.uri)
+def wait_for_run(uri: str, timeout: float = 120, db: Path | None = None) -> str:
+    """The id of the run the training command opened in the store at uri, once it is there.
+
+    db: a SQLite store's file, not opened before it exists (the command makes it whole).
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        experiment = client.get_experiment_by_name("mnist")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        if runs:
-            return runs[0].info.run_id
+        if db is None or db.exists():
+            client = MlflowClient(uri)
+            experiment = client.get_experiment_by_name("mnist")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            if runs:
+                return runs[0].info.run_id
         time.sleep(0.2)
-    raise AssertionError("the training run never appeared on the server")
+    raise AssertionError(f"the training run never appeared in {uri}")
 
 
 def only_run(server: Server) -> str:
@@ -172,7 +176,7 @@ def only_run(server: Server) -> str:
 def test_a_paused_server_costs_the_run_nothing(server, spool_folder, reference, spawn):
     server.start()
     proc = start_training(spawn, server.uri)
-    run_id = wait_for_remote_run(server)
+    run_id = wait_for_run(server.uri)
     server.pause()  # hangs: connections are accepted, nothing answers
     time.sleep(8)
     server.resume()
@@ -187,7 +191,7 @@ def test_a_paused_server_costs_the_run_nothing(server, spool_folder, reference, 
 def test_a_restarted_server_gets_the_same_run_completed(server, spool_folder, reference, spawn):
     server.start()
     proc = start_training(spawn, server.uri)
-    run_id = wait_for_remote_run(server)
+    run_id = wait_for_run(server.uri)
     server.stop()  # connections refused
     time.sleep(3)
     server.start()  # same store, same port
@@ -202,7 +206,7 @@ def test_a_restarted_server_gets_the_same_run_completed(server, spool_folder, re
 def test_a_server_gone_for_good_leaves_the_run_to_sync_once(server, spool_folder, reference, spawn):
     server.start()
     proc = start_training(spawn, server.uri, "--register", "--wait-for-server", "2")
-    run_id = wait_for_remote_run(server)
+    run_id = wait_for_run(server.uri)
     server.stop()
     outcome = finish(proc)
     assert outcome["json"]["spooled"] is True
@@ -278,21 +282,6 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-def wait_for_store_run(db: Path, timeout: float = 120) -> str:
-    """The id of the run the training command opened in the SQLite store db, once it is
-    there (the store itself is made by the command, whole: not opened before it exists)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if db.exists():
-            client = MlflowClient(f"sqlite:///{db}")
-            experiment = client.get_experiment_by_name("mnist")
-            runs = client.search_runs([experiment.experiment_id]) if experiment else []
-            if runs:
-                return runs[0].info.run_id
-        time.sleep(0.2)
-    raise AssertionError("the training run never appeared in the store")
-
-
 def runs_in(uri: str) -> list[str]:
     client = MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -303,7 +292,7 @@ def test_a_store_whose_disk_fills_mid_run_loses_nothing(small_disk, spool_folder
     db = small_disk / "mlflow.db"
     uri = f"sqlite:///{db}"
     proc = start_training(spawn, uri, "--register")
-    run_id = wait_for_store_run(db)  # the run has started in the store
+    run_id = wait_for_run(f"sqlite:///{db}", db=db)  # the run has started in the store
     filler = fill(small_disk)
     outcome = finish(proc)  # training went on: exit 0, no traceback
     assert outcome["json"]["spooled"] is True and outcome["json"]["run_id"] == run_id
