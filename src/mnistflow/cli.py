@@ -466,7 +466,7 @@ def ui(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
 ) -> None:
     """Open the MLflow UI on the same store the runs went to."""
-    from mnistflow.tracking import resolve_tracking_uri, use_store
+    from mnistflow.tracking import resolve_tracking_uri, sqlite_path, use_store
 
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
@@ -476,10 +476,10 @@ def ui(
     err.print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)")
     args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     args += ["--host", host, "--port", str(port)]
-    if uri.startswith("sqlite:///"):
+    database = sqlite_path(uri)
+    if database is not None:
         # Runs logged without a server keep artifacts in ./mlruns beside the database.
-        store = Path(uri.removeprefix("sqlite:///")).resolve().parent
-        args += ["--default-artifact-root", str(store / "mlruns")]
+        args += ["--default-artifact-root", str(database.parent / "mlruns")]
     os.execv(sys.executable, args)
 
 

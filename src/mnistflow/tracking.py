@@ -62,10 +62,11 @@ def check_reachable(uri: str) -> None:
     A tracking server passes only when it answers as MLflow's does: /health says "OK" (no
     login needed) and /version gives a version number (a login is, on an auth server).
     """
+    path = sqlite_path(uri)
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+    elif path is not None:
+        folder = path.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise MnistflowError(
                 f"Cannot create the MLflow store {uri}: {folder} is not a writable folder."
@@ -204,13 +205,12 @@ def use_store(uri: str | None, create: bool = False) -> str:
     """
     resolved = resolve_tracking_uri(uri)
     check_reachable(resolved)
-    if not create and resolved.startswith("sqlite:///"):
-        path = Path(resolved.removeprefix("sqlite:///")).expanduser()
-        if not path.is_file():
-            raise MnistflowError(
-                f"There is no MLflow store at {path.resolve()}; train a model first "
-                "(mnistflow train) or point --tracking-uri / MLFLOW_TRACKING_URI at your store."
-            )
+    path = sqlite_path(resolved)
+    if not create and path is not None and not path.is_file():
+        raise MnistflowError(
+            f"There is no MLflow store at {path}; train a model first "
+            "(mnistflow train) or point --tracking-uri / MLFLOW_TRACKING_URI at your store."
+        )
     return resolved
 
 
@@ -251,11 +251,11 @@ def use_experiment(name: str) -> str:
 
 def create_experiment(client: MlflowClient, uri: str, name: str) -> str:
     location = None
-    if uri.startswith("sqlite:///"):
+    database = sqlite_path(uri)
+    if database is not None:
         # Beside the database: MLflow's default is ./mlruns in whatever folder the command
         # runs in, a second store the user did not ask for when the database is elsewhere.
-        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
-        location = str(folder / "mlruns" / uuid.uuid4().hex)
+        location = str(database.parent / "mlruns" / uuid.uuid4().hex)
     try:
         return str(
             client.create_experiment(
