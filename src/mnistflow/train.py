@@ -86,8 +86,10 @@ def optimizer_and_schedule(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
     elif config.optimizer == "adam":
+        # fused: one kernel per parameter instead of about ten small ones (the default on a
+        # CPU); measured 0.45 -> 0.22 ms per step for FastNet, about 3% of a CPU step.
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
         )
     else:  # validate() refuses these before any training; a library caller may skip it
         raise MnistflowError(f"Unknown optimizer {config.optimizer!r}.")
