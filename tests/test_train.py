@@ -225,3 +225,27 @@ def test_an_unknown_name_is_a_sentence_not_a_key_error(small: data.MnistSplits):
     unchecked = dataclasses.replace(TrainConfig(device="cpu"), optimizer="sgd")
     with pytest.raises(MnistflowError, match="Unknown optimizer 'sgd'"):
         fit(unchecked, small.train, small.val)
+
+
+def test_fast_net_weights_saved_before_the_channels_last_flatten_load_to_the_same_function():
+    # Version 1 flattened (C, H, W); its state dict has the same shapes as version 2's, so
+    # only the reordering on load keeps an old checkpoint predicting what it predicted.
+    torch.manual_seed(0)
+    old = models.FastNet()
+    old.features[-1] = torch.nn.Flatten()
+    saved = old.state_dict()
+    saved._metadata[""]["version"] = 1  # type: ignore[attr-defined]
+    new = models.FastNet()
+    new.load_state_dict(saved)
+    pixels = torch.rand(8, 1, 28, 28) * 255
+    with torch.no_grad():
+        assert torch.allclose(new(pixels), old(pixels), atol=1e-5)
+        # A version-2 state dict is taken as it is: a round trip changes nothing.
+        again = models.FastNet()
+        again.load_state_dict(new.state_dict())
+        assert torch.equal(again(pixels), new(pixels))
+        # Read as version 2 (no reordering), the same weights compute something else.
+        saved._metadata[""]["version"] = 2  # type: ignore[attr-defined]
+        unordered = models.FastNet()
+        unordered.load_state_dict(saved)
+        assert not torch.allclose(unordered(pixels), old(pixels), atol=1e-3)

@@ -26,6 +26,15 @@ class Standardize(nn.Module):
 FAST_WIDTH = 24
 
 
+class ChannelsLastFlatten(nn.Module):
+    """Flattens (B, C, H, W) in the order (H, W, C): a free view of a channels_last tensor,
+    where nn.Flatten's (C, H, W) order copies it, and copies its gradient back, every step
+    (measured with torch.profiler: about 10% of FastNet's CPU step)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).flatten(1)
+
+
 class FastNet(nn.Module):
     """LeNet-style CNN with a strided first convolution: about 3 M multiply-adds per image at
     the default width, so an epoch is seconds on a CPU.
@@ -52,14 +61,30 @@ class FastNet(nn.Module):
             nn.Conv2d(w, 2 * w, 5),  # -> (B, 2W, 10, 10)
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),  # -> (B, 2W, 5, 5)
-            nn.Flatten(),  # -> (B, 50W)
+            ChannelsLastFlatten(),  # -> (B, 50W)
         )
         self.head = nn.Sequential(
             nn.Linear(50 * w, 4 * w), nn.ReLU(inplace=True), nn.Linear(4 * w, 10)
         )
 
+    # PyTorch's own way to mark a change of what the weights mean (as BatchNorm does): state
+    # dicts carry it. 2: the first linear layer reads the features in (H, W, C) order.
+    _version = 2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # type: ignore[no-any-return]
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, *args, **kwargs
+    ) -> None:
+        # Same shapes, other order: weights saved before version 2 would load without an
+        # error and predict nonsense, so their columns are reordered (C, H, W) -> (H, W, C).
+        key = prefix + "head.0.weight"
+        if local_metadata.get("version", 1) < 2 and key in state_dict:
+            weight = state_dict[key]
+            out, channels = weight.shape[0], 2 * self.width
+            state_dict[key] = weight.view(out, channels, 5, 5).permute(0, 2, 3, 1).reshape(out, -1)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
 
 class ClassicNet(nn.Module):
