@@ -121,7 +121,8 @@ def test_projects_run_synchronous(project_store: str):
     submitted = mlflow.projects.run(
         str(ROOT),
         entry_point="train",
-        parameters=TRAIN,
+        # A parameter left at its "" default is not passed; a given one reaches the run.
+        parameters={**TRAIN, "precision": "fp32"},
         env_manager="local",
         experiment_name="project-sync",
     )
@@ -129,6 +130,7 @@ def test_projects_run_synchronous(project_store: str):
     run = the_one_run(project_store, "project-sync")
     assert run.info.run_id == submitted.run_id
     assert_complete_training_run(project_store, run)
+    assert run.data.params["train.precision"] == "fp32"
 
 
 @pytest.mark.slow

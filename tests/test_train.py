@@ -249,3 +249,8 @@ def test_fast_net_weights_saved_before_the_channels_last_flatten_load_to_the_sam
         unordered = models.FastNet()
         unordered.load_state_dict(saved)
         assert not torch.allclose(unordered(pixels), old(pixels), atol=1e-3)
+    # Weights of an older shape are not touched: PyTorch names the mismatch.
+    saved._metadata[""]["version"] = 1  # type: ignore[attr-defined]
+    saved["head.0.weight"] = torch.zeros(96, 32 * 24)
+    with pytest.raises(RuntimeError, match=r"size mismatch for head\.0\.weight"):
+        models.FastNet().load_state_dict(saved)

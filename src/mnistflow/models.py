@@ -79,11 +79,13 @@ class FastNet(nn.Module):
     ) -> None:
         # Same shapes, other order: weights saved before version 2 would load without an
         # error and predict nonsense, so their columns are reordered (C, H, W) -> (H, W, C).
+        # (Older networks had other shapes: PyTorch's size-mismatch error tells of those.)
         key = prefix + "head.0.weight"
-        if local_metadata.get("version", 1) < 2 and key in state_dict:
-            weight = state_dict[key]
-            out, channels = weight.shape[0], 2 * self.width
-            state_dict[key] = weight.view(out, channels, 5, 5).permute(0, 2, 3, 1).reshape(out, -1)
+        weight = state_dict.get(key)
+        out, channels = 4 * self.width, 2 * self.width
+        old_order = local_metadata.get("version", 1) < 2
+        if old_order and weight is not None and weight.shape == (out, channels * 25):
+            state_dict[key] = weight.view(out, channels, 5, 5).permute(0, 2, 3, 1).flatten(1)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
 
