@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, table
+from common import RESULTS, rotated, table
 
 HERE = Path(__file__).resolve().parent
 COMMAND = [sys.executable, "-m", "mnistflow", "train", "--json"]
@@ -100,7 +100,7 @@ def main() -> None:
             run(argv, folder)
         for i in range(args.rounds):
             # The order rotates, so no side always runs first (on the coolest machine).
-            for label, argv, results in sides[i % len(sides) :] + sides[: i % len(sides)]:
+            for label, argv, results in rotated(sides, i):
                 results.append(run([*argv, "--seed", str(i)], folder))
                 r = results[-1]
                 print(

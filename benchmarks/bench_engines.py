@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, table
+from common import RESULTS, rotated, table
 
 CONFIGS: dict[str, list[str]] = {
     "plain": ["--engine", "plain"],
@@ -68,12 +68,11 @@ def main() -> None:
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
     with tempfile.TemporaryDirectory(prefix="bench-engines-") as tmp:
-        names = list(CONFIGS)
         for round_ in range(options.rounds):
-            # The order rotates: on this shared host a run right after another is measurably
-            # slower (seen as 4.1 s first vs 7.2 s second for the same command), so a fixed
-            # order would always handicap the same configuration.
-            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            # The order rotates: with a fixed order on this shared host, whichever ran second
+            # in a round was slower in every round (plain: 4.1 s first, 7.2 s second), which
+            # would always handicap the same configuration.
+            for name in rotated(list(CONFIGS), round_):
                 args = CONFIGS[name]
                 result = train(args, options.preset, options.seed, Path(tmp), options.limit_train)
                 runs[name].append(result)

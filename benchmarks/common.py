@@ -8,12 +8,21 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from mnistflow import servers
 from mnistflow.servers import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+
+def rotated(items: Sequence[T], round_: int) -> list[T]:
+    """items starting at position round_ (wrapping): interleaved rounds that rotate the order,
+    so that no configuration always runs in the same place of a round."""
+    start = round_ % len(items)
+    return [*items[start:], *items[:start]]
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
