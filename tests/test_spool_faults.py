@@ -20,6 +20,7 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from conftest import run_cli
 from mnistflow import registry, spool, tracking
 from spool_faults import KINDS, FaultyClient, differences, snapshot
 
@@ -185,3 +186,81 @@ def test_a_fault_at_every_call_ends_in_exactly_the_reference(bench, reference, a
             if diff := differences(snapshot(target, result.remote_run_id or ""), expected):
                 failures.append(f"{name}, copied again: {diff}")
     assert not failures, "\n".join(failures)
+
+
+# -- sync: one copier per run, a dead writer, runs that cannot be sent ------------------------
+
+
+def _pending_run(bench: Bench, name: str) -> tuple[MlflowClient, Path, str]:
+    """A spool of its own holding the template's run, meant for a fresh target."""
+    spool_client, target = bench.restore(name), bench.target(name)
+    spool_client.set_tag(bench.run_id, spool.TARGET, target)
+    return spool_client, bench.root / "spools" / name, target
+
+
+def test_a_run_another_process_is_copying_is_left_alone(bench):
+    _, folder, target = _pending_run(bench, "locked")
+    held = spool.run_lock(bench.run_id, folder)
+    held.acquire(timeout=0)  # as a training process in its final copy holds it
+    try:
+        (result,) = spool.sync(folder)
+    finally:
+        held.release()
+    assert not result.complete
+    assert result.error == "its training process or another sync is sending it now"
+    assert runs_in(target) == []  # nothing made on the target meanwhile
+    (result,) = spool.sync(folder)
+    assert result.complete and runs_in(target) == [result.remote_run_id]
+
+
+def test_a_dead_writers_run_is_sent_and_ended_failed(bench):
+    spool_client, folder, target = _pending_run(bench, "dead")
+    spool_client.update_run(bench.run_id, status="RUNNING")
+    # Young and without a lock file: still starting, left alone.
+    (young,) = spool.sync(folder)
+    assert young.error == "it is still running" and runs_in(target) == []
+    # Its lock file exists and nobody holds it: its writer is gone.
+    left = spool.run_lock(bench.run_id, folder)
+    left.acquire(timeout=0)
+    left.release()
+    (result,) = spool.sync(folder)
+    assert result.complete and result.note == spool.DIED
+    run = MlflowClient(target).get_run(result.remote_run_id)
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == spool.DIED
+    assert spool_client.get_run(bench.run_id).info.status == "FAILED"
+    assert result.registered_version is None  # a run that did not finish is not registered
+    assert spool.sync(folder) == []
+
+
+def test_a_run_that_cannot_be_sent_does_not_stop_the_others(bench, tmp_path, monkeypatch):
+    spool_client, folder, target = _pending_run(bench, "two-runs")
+    # A second run in the same spool, then the first one's run deleted on the target.
+    second = _make_run(spool.spool_uri(folder), bench.root / "reports")
+    spool_client.set_tag(second, spool.TARGET, target)
+    first = spool.RunCopier(spool_client, target, bench.run_id)
+    deleted = first.ensure_remote_run()
+    MlflowClient(target).delete_run(deleted)
+
+    monkeypatch.setenv("MNISTFLOW_SPOOL_DIR", str(folder))
+    synced = run_cli("sync", "--json")
+    assert synced.exit_code == 1 and "Traceback" not in synced.stderr
+    results = {r["spool_run_id"]: r for r in synced.json()["synced"]}
+    assert results[second]["complete"]
+    refused = results[bench.run_id]
+    assert not refused["complete"]
+    assert refused["error"].startswith(
+        f"{target} refuses run {deleted}: it or its experiment was deleted"
+    )
+    (waiting,) = run_cli("sync", "--list", "--json").json()["pending"]
+    assert waiting["spool_run_id"] == bench.run_id  # kept for after the run is restored
+
+    MlflowClient(target).restore_run(deleted)
+    again = run_cli("sync", "--json")
+    assert again.exit_code == 0, again.stderr
+    assert again.json()["synced"][0]["remote_run_id"] == deleted
+
+
+def runs_in(uri: str) -> list[str]:
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return [r.info.run_id for r in client.search_runs(experiments)]
