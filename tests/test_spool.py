@@ -5,8 +5,10 @@ read-only; `mnistflow sync` delivers exactly once."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_ARGS, MNISTFLOW, free_port, run_cli
-from mnistflow import servers, spool
+from mnistflow import registry, servers, spool, tracking
 from spool_faults import StallingProxy
 
 # Each test trains (in a child process, or two) and syncs: tens of seconds.
@@ -473,3 +475,31 @@ def test_a_spool_on_a_full_disk_says_so_and_where_to_move_it(small_disk, store, 
         "written now: its disk is full; set MNISTFLOW_SPOOL_DIR to a folder on another disk."
     )
     assert not Path(store.removeprefix("sqlite:///")).exists()  # no store made either
+
+
+def test_a_pipeline_whose_run_waits_promotes_nothing(registered, tmp_path, monkeypatch):
+    # A store of our own with @champion at 1 and someone else's version 2 at @challenger.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    shutil.copyfile(registered[1]["folder"] / "mlflow.db", tmp_path / "mlflow.db")
+    client = MlflowClient(uri, registry_uri=uri)
+    registry.register(client, registered[1]["good"]["run_id"], "mnist")
+    aliases = client.get_registered_model("mnist").aliases
+    assert aliases == {"champion": "1", "challenger": "2"}
+
+    # The store cannot be written (its disk full): the run trains into the spool.
+    def full(store: str) -> None:
+        raise tracking.StoreUnwritable(
+            f"The MLflow store {store} cannot be written now: its disk is full."
+        ) from OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tracking, "check_writable", full)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(
+        "pipeline", "--limit-train", "2000", "--epochs", "1", "--tracking-uri", uri, "--json"
+    )
+    assert result.exit_code == 75, result.stderr
+    assert result.json()["promotion"] is None and result.json()["train"]["spooled"] is True
+    said = " ".join(result.stderr.split())
+    assert "The run is kept in the local spool" in said
+    assert "Nothing was promoted: the new model is registered only once its run is sent" in said
+    assert client.get_registered_model("mnist").aliases == aliases  # nobody's model promoted
