@@ -2,6 +2,9 @@
 `mnistflow train` against a local `mlflow server` that is up, paused for 20 s mid-run
 (SIGSTOP: it accepts connections and answers nothing), or down throughout (the run is
 spooled), interleaved, medians; and the time `mnistflow sync` takes to deliver one spooled run.
+After each round it checks what arrived: the server's run must hold exactly what the run logged
+(the spool's record: every metric point with its step, timestamp and value, system metrics
+included), and the same values per step as the first fault-free run (same seed).
 
 Usage: python benchmarks/bench_outage.py [--rounds 3] [--outage 20] [--limit-train N]
 Prints the README's table and writes benchmarks/results/outage.json.
@@ -76,7 +79,7 @@ def train(
 
 def outcome(proc: subprocess.Popen[str], started: float) -> dict[str, Any]:
     stdout, stderr = proc.communicate(timeout=1800)
-    if proc.returncode != 0:
+    if proc.returncode not in (0, 75):  # 75: trained, kept in the spool
         raise RuntimeError(f"mnistflow train failed: {stderr[-2000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
     return {**result, "wall_seconds": time.perf_counter() - started}
@@ -109,6 +112,35 @@ def one_round(
     return outcome(proc, started)
 
 
+TIMING = {"train_seconds", "total_seconds", "epoch_seconds", "images_per_second"}
+
+
+def histories(client: MlflowClient, run_id: str, exact: bool = True) -> dict[str, Any]:
+    """Every metric's points as (step, timestamp, value); not exact: (step, value) of the
+    metrics another run of the same seed repeats (no timings, no system metrics)."""
+    out = {}
+    for key in client.get_run(run_id).data.metrics:
+        if not exact and (key.startswith("system/") or key in TIMING):
+            continue
+        points = client.get_metric_history(run_id, key)
+        out[key] = sorted(
+            (m.step, m.timestamp, m.value) if exact else (m.step, m.value) for m in points
+        )
+    return out
+
+
+def arrived(server: Server, run_id: str, env: dict[str, str], reference: Any) -> bool:
+    """Whether the server's run holds exactly what the run logged (the spool's record of it)
+    and, after the first round, the reference's values per step."""
+    from mnistflow import spool
+
+    client = MlflowClient(server.uri)
+    spool_run = client.get_run(run_id).data.tags[spool.SPOOL_RUN]
+    spooled = MlflowClient(spool.spool_uri(Path(env["MNISTFLOW_SPOOL_DIR"])))
+    same = histories(client, run_id) == histories(spooled, spool_run)
+    return same and (reference is None or histories(client, run_id, exact=False) == reference)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="runs per mode (default 3)")
@@ -118,6 +150,7 @@ def main() -> None:
     extra = ["--limit-train", str(args.limit_train)] if args.limit_train else []
     modes = ["up", "outage", "down"]
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    reference: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory() as tmp:
         env = {**tool_env(), "MNISTFLOW_SPOOL_DIR": f"{tmp}/spool"}
         server = Server(Path(tmp) / "server")
@@ -127,11 +160,15 @@ def main() -> None:
             for i in range(args.rounds):
                 for mode in modes[i % 3 :] + modes[: i % 3]:  # each mode takes each position
                     r = one_round(server, mode, args.outage, extra, env)
+                    r["arrived"] = arrived(server, r["run_id"], env, reference)
+                    if reference is None:
+                        reference = histories(MlflowClient(server.uri), r["run_id"], exact=False)
                     results[mode].append(r)
                     print(
                         f"round {i} {mode:7s} train {r['train_seconds']:.2f} s, whole "
                         f"{r['wall_seconds']:.1f} s, spooled {r['spooled']}"
-                        + (f", sync {r['sync_seconds']:.1f} s" if "sync_seconds" in r else ""),
+                        + (f", sync {r['sync_seconds']:.1f} s" if "sync_seconds" in r else "")
+                        + f", arrived exactly: {r['arrived']}",
                         flush=True,
                     )
         finally:
@@ -151,11 +188,21 @@ def main() -> None:
             cell([r["train_seconds"] for r in results[m]]),
             cell([r["wall_seconds"] for r in results[m]]),
             "no" if all(not r["spooled"] for r in results[m]) else "yes",
+            f"{sum(r['arrived'] for r in results[m])}/{len(results[m])}",
         ]
         for m in modes
     ]
     print(
-        table(["tracking server", "train time, median (min-max)", "whole command", "spooled"], rows)
+        table(
+            [
+                "tracking server",
+                "train time, median (min-max)",
+                "whole command",
+                "spooled",
+                "arrived exactly",
+            ],
+            rows,
+        )
     )
     sync_seconds = [r["sync_seconds"] for r in results["down"]]
     print(f"\n`mnistflow sync` of one spooled run: {cell(sync_seconds)}")

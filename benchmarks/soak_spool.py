@@ -25,12 +25,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from bench_outage import Server
+from bench_outage import Server, histories
 from common import RESULTS, tool_env
 from mnistflow import spool
 
@@ -38,22 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from spool_faults import StallingProxy
 
 FAULTS = ("pause", "restart", "down", "stall", "slow", "kill-train", "kill-sync")
-TIMING = {"train_seconds", "total_seconds", "epoch_seconds", "images_per_second"}
-
-
-def histories(client: MlflowClient, run_id: str, exact: bool = True) -> dict[str, Any]:
-    """Every metric's history: (step, timestamp, value), or (step, value) where not exact
-    (another run of the same seed: same values, other times)."""
-    run = client.get_run(run_id)
-    out = {}
-    for key in run.data.metrics:
-        if not exact and (key.startswith("system/") or key in TIMING):
-            continue
-        points = client.get_metric_history(run_id, key)
-        out[key] = sorted(
-            (m.step, m.timestamp, m.value) if exact else (m.step, m.value) for m in points
-        )
-    return out
 
 
 def train(uri: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:

@@ -7,18 +7,31 @@ $MNISTFLOW_SPOOL_DIR (default ~/.cache/mnistflow/spool). Training only ever writ
 so a server that restarts, hangs (SIGSTOP) or is gone, or a store whose disk fills up or
 turns read-only, never makes training wait or fail.
 
-Copying is idempotent, step by step, so a copy cut off half-way is simply run again:
-- the server run is found by its tag ``mnistflow.spool_run_id`` before one is created, and
-  a run that had started on the server before the outage is completed there (same run);
-- params and tags are set again with the same values (a no-op);
-- metrics are re-sent from what this process has not sent yet; a re-sent identical metric
-  (key, value, step, timestamp) is dropped by MLflow's SQL store (SqlAlchemyStore deduplicates
-  on insert), so nothing is doubled after a crash;
-- dataset inputs are deduplicated by MLflow on (name, digest);
-- artifacts are uploaded to the same paths (an overwrite);
-- a logged model is created on the server once, found again by its tag
-  ``mnistflow.spool_model_id``;
-- the registration a run asked for is made once, found again by the version's run_id.
+Copying is idempotent, step by step, so a copy cut off anywhere is simply run again, and
+nothing counts as copied until the target acknowledged it:
+- the target's run is found by its tag ``mnistflow.spool_run_id`` before one is created (and
+  found again after creating it: a create whose answer was lost may have landed meanwhile; a
+  second one is deleted), and a run that had started on the target before an outage is
+  completed there (same run);
+- params and tags are set again with the same values (a no-op); dataset inputs are
+  deduplicated by MLflow on (name, digest, context);
+- metrics: the points the target acknowledged are remembered per key; after a request whose
+  answer never came (it may have been applied late, by a hung server) the copier reads the
+  target's histories back and sends only what they lack, so no store's own deduplication is
+  relied on;
+- artifacts are uploaded to the same paths (an overwrite) until the target lists each one with
+  the spool's size;
+- a logged model is created once, found again by its tag ``mnistflow.spool_model_id``; it
+  counts as copied only once READY with every file of the spool's (a cut-off upload is redone
+  and finalized);
+- the registration a run asked for is made once, found again by its run and model, and
+  completed where it stopped (the model's link, @challenger);
+- at the end the target's metric histories are checked against the spool's (every key, system
+  metrics included) before the run is ended there, marked done, and its spool files dropped.
+One copier per run at a time: the training process holds the run's lock (a file lock the OS
+releases when its holder dies) until its final copy is through, `mnistflow sync` takes it
+before copying, and a RUNNING run whose lock nobody holds was left by a writer that died: sync
+sends what it logged and ends it FAILED, saying so.
 
 Why not mlflow-export-import: its import creates a NEW run (and new logged models) on every
 import, so it can neither complete a run that had started on the server nor be repeated
