@@ -320,7 +320,7 @@ def test_no_server_at_start_trains_into_the_spool(server, spool_folder, referenc
 
 
 @pytest.mark.server  # a real mlflow server; `mnistflow sync` is killed half-way
-@pytest.mark.parametrize("after_s", [1.0, 3.0, 5.0])
+@pytest.mark.parametrize("after_s", [1.5, 4.0])
 def test_a_sync_killed_half_way_is_completed_by_the_next(
     server, spool_folder, reference, cli, spawn, after_s
 ):
@@ -338,7 +338,8 @@ def test_a_sync_killed_half_way_is_completed_by_the_next(
     mlflow.set_tracking_uri(server.uri)
     assert_complete(client, run_id, reference)
     (version,) = client.search_model_versions("name='mnist'")  # registered once
-    assert version.run_id == run_id and version.aliases == ["challenger"]
+    assert version.run_id == run_id
+    assert registry.alias_version(client, "mnist", "challenger") == version.version
     assert cli("sync", "--json").json()["synced"] == []
 
 
