@@ -38,7 +38,7 @@ lint: setup
 	$(BIN)/mypy
 
 ## The learner's tour of MLflow: run notebooks/mlflow_tour.py top to bottom on a fresh store
-## and save it, outputs included, as notebooks/mlflow_tour.ipynb (a few minutes).
+## and save it, outputs included, as notebooks/mlflow_tour.ipynb (7 minutes of CPU time).
 tour: setup
 	$(BIN)/python scripts/tour.py
 

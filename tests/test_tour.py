@@ -62,8 +62,8 @@ def test_tour_runs_top_to_bottom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     client = MlflowClient(f"sqlite:///{tour / 'mlflow.db'}")
     experiments = {e.name for e in client.search_experiments()}
     assert {"mlflow-tour", "tour-mnistflow", "mnist-promotion", "tour-project"} <= experiments
-    assert client.get_model_version_by_alias("tour-digits", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("tour-digits", "champion").version) == "1"
     # The first mnistflow version was promoted, the second refused.
-    assert client.get_model_version_by_alias("tour-mnist", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("tour-mnist", "champion").version) == "1"
     refused = client.get_model_version("tour-mnist", "2")
     assert "promotion_refused" in refused.tags
