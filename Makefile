@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # Unset, they are downloaded from the public mirrors into ~/.cache/mnistflow.
 export MNISTFLOW_MNIST_MIRROR
 
-.PHONY: setup run test test-fast lint browser wrk bench clean stack team-tools
+.PHONY: setup run test test-fast lint browser wrk bench clean stack team-tools tour
 
 # The venv is rebuilt when the requirements change. constraints.txt pins every package
 # (torch included: an unpinned torch would pull a multi-GB CUDA build).
@@ -33,9 +33,14 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not server and not browser"
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts notebooks/*.py
+	$(BIN)/ruff format --check src tests benchmarks scripts notebooks/*.py
 	$(BIN)/mypy
+
+## The learner's tour of MLflow: run notebooks/mlflow_tour.py top to bottom on a fresh store
+## and save it, outputs included, as notebooks/mlflow_tour.ipynb (7 minutes of CPU time).
+tour: setup
+	$(BIN)/python scripts/tour.py
 
 ## The team stack by hand, as the tests start it: PostgreSQL + S3 (moto) + MLflow with logins.
 stack: setup
@@ -77,4 +82,5 @@ wrk:
 	  else echo "The serving benchmark needs wrk: sudo apt-get install wrk"; exit 1; fi; }
 
 clean:
-	rm -rf $(VENV) mlruns mlartifacts mlflow.db sample-digits benchmarks/results
+	rm -rf $(VENV) mlruns mlartifacts mlflow.db sample-digits benchmarks/results \
+	  notebooks/tour-store
