@@ -485,7 +485,7 @@ def test_a_pipeline_whose_run_waits_promotes_nothing(registered, tmp_path, monke
     client = MlflowClient(uri, registry_uri=uri)
     registry.register(client, registered[1]["good"]["run_id"], "mnist")
     aliases = client.get_registered_model("mnist").aliases
-    assert aliases == {"champion": "1", "challenger": "2"}
+    assert {k: str(v) for k, v in aliases.items()} == {"champion": "1", "challenger": "2"}
 
     # The store cannot be written (its disk full): the run trains into the spool.
     def full(store: str) -> None:
