@@ -30,6 +30,7 @@ check() {
     fi
 }
 
+# 12 for the MLflow logins is MLflow's own minimum; 32 for the key that signs its forms.
 check POSTGRES_PASSWORD 16
 check MINIO_ROOT_PASSWORD 16
 check MLFLOW_S3_SECRET_KEY 16
