@@ -5,8 +5,10 @@ read-only; `mnistflow sync` delivers exactly once."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +23,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_ARGS, MNISTFLOW, free_port, run_cli
-from mnistflow import servers, spool
+from mnistflow import registry, servers, spool, tracking
+from spool_faults import StallingProxy
 
 # Each test trains (in a child process, or two) and syncs: tens of seconds.
 pytestmark = pytest.mark.slow
@@ -141,9 +144,10 @@ def start_training(spawn, uri: str, *extra: str) -> subprocess.Popen[str]:
     return spawn([*MNISTFLOW, *TRAIN, "--tracking-uri", uri, *extra])
 
 
-def finish(proc: subprocess.Popen[str], timeout: float = 300) -> dict:
+def finish(proc: subprocess.Popen[str], timeout: float = 300, code: int = 0) -> dict:
+    """The training command's outcome; code: its exit code (75: kept in the spool)."""
     stdout, stderr = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == code, stderr
     assert "Traceback" not in stderr
     return {"json": json.loads(stdout.strip().splitlines()[-1]), "stderr": stderr}
 
@@ -173,18 +177,84 @@ def only_run(server: Server) -> str:
 
 
 @pytest.mark.server  # a real mlflow server it pauses, kills or never starts
-def test_a_paused_server_costs_the_run_nothing(server, spool_folder, reference, spawn):
+@pytest.mark.parametrize(
+    "pause_s", [4, spool.REQUEST_TIMEOUT_S + 6], ids=["shorter-than-timeout", "longer-than-timeout"]
+)
+def test_a_paused_server_costs_the_run_nothing(server, spool_folder, reference, spawn, pause_s):
     server.start()
     proc = start_training(spawn, server.uri)
     run_id = wait_for_run(server.uri)
     server.pause()  # hangs: connections are accepted, nothing answers
-    time.sleep(8)
+    time.sleep(pause_s)  # longer: requests time out, and the server takes them late
     server.resume()
     outcome = finish(proc)
     assert outcome["json"]["run_id"] == run_id and outcome["json"]["spooled"] is False
     mlflow.set_tracking_uri(server.uri)
     assert_complete(MlflowClient(server.uri), run_id, reference)
     assert only_run(server) == run_id  # one run, not a second one
+    assert run_cli("sync", "--list", "--json").json()["pending"] == []
+
+
+@pytest.mark.server  # a real mlflow server behind a proxy that stalls, then passes again
+def test_a_stalling_proxy_costs_the_run_nothing(server, spool_folder, reference, spawn):
+    server.start()
+    proxy = StallingProxy(server.port)
+    proxy.start()
+    try:
+        uri = f"http://127.0.0.1:{proxy.port}"
+        proc = start_training(spawn, uri)
+        run_id = wait_for_run(uri)
+        proxy.mode = "stall"  # accepts, holds every request longer than the request timeout
+        time.sleep(spool.REQUEST_TIMEOUT_S + 4)
+        proxy.mode = "slow"  # then answers, slowly
+        time.sleep(3)
+        proxy.mode = "pass"
+        outcome = finish(proc)
+    finally:
+        proxy.stop()
+    assert outcome["json"]["spooled"] is False
+    mlflow.set_tracking_uri(server.uri)
+    assert_complete(MlflowClient(server.uri), run_id, reference)
+    assert only_run(server) == run_id
+
+
+@pytest.mark.server  # a real mlflow server; the training process is killed mid-run
+def test_a_killed_training_run_is_completed_by_sync(server, spool_folder, spawn):
+    server.start()
+    proc = start_training(spawn, server.uri, "--epochs", "30")  # long enough to be killed
+    run_id = wait_for_run(server.uri)
+    # Killed once some steps are in the spool (the forwarder copied some of them already).
+    spool_uri = spool.spool_uri()
+    wait_for_metric(spool_uri, "train_loss")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    (waiting,) = run_cli("sync", "--list", "--json").json()["pending"]
+    assert waiting["status"] == "RUNNING"  # as the dead process left it
+
+    synced = run_cli("sync", "--json")
+    assert synced.exit_code == 0, synced.stderr
+    (result,) = synced.json()["synced"]
+    assert result["complete"] and result["remote_run_id"] == run_id
+    assert result["note"] == spool.DIED
+    client = MlflowClient(server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == spool.DIED
+    # The server holds exactly what the dead process had logged.
+    spooled = MlflowClient(spool_uri)
+    assert histories(client, run_id) == histories(spooled, waiting["spool_run_id"])
+    assert run_cli("sync", "--json").json()["synced"] == []
+    assert only_run(server) == run_id
+
+
+def wait_for_metric(uri: str, key: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            runs = runs_in(uri)
+            if runs and key in MlflowClient(uri).get_run(runs[0]).data.metrics:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"no {key} in {uri}")
 
 
 @pytest.mark.server  # a real mlflow server it pauses, kills or never starts
@@ -208,7 +278,7 @@ def test_a_server_gone_for_good_leaves_the_run_to_sync_once(server, spool_folder
     proc = start_training(spawn, server.uri, "--register", "--wait-for-server", "2")
     run_id = wait_for_run(server.uri)
     server.stop()
-    outcome = finish(proc)
+    outcome = finish(proc, code=75)
     assert outcome["json"]["spooled"] is True
     assert "mnistflow sync" in " ".join(outcome["stderr"].split())
     waiting = run_cli("sync", "--list", "--json")
@@ -225,8 +295,9 @@ def test_a_server_gone_for_good_leaves_the_run_to_sync_once(server, spool_folder
     assert client.get_model_version("mnist", synced["registered_version"]).run_id == run_id
 
     # Again: nothing is sent twice, nothing waits.
+    before = histories(client, run_id)
     assert run_cli("sync", "--json").json()["synced"] == []
-    assert histories(client, run_id) == histories(client, run_id) and only_run(server) == run_id
+    assert histories(client, run_id) == before and only_run(server) == run_id
     assert len(client.search_model_versions("name='mnist'")) == 1
 
 
@@ -236,7 +307,7 @@ def test_no_server_at_start_trains_into_the_spool(server, spool_folder, referenc
     assert refused.exit_code == 1 and "Cannot reach the MLflow tracking server" in refused.stderr
 
     result = cli(*TRAIN, "--tracking-uri", server.uri, "--wait-for-server", "0")
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == 75, result.stderr
     assert result.json()["spooled"] is True
     server.start()
     synced = cli("sync", "--json")
@@ -245,11 +316,30 @@ def test_no_server_at_start_trains_into_the_spool(server, spool_folder, referenc
     mlflow.set_tracking_uri(server.uri)
     client = MlflowClient(server.uri)
     assert_complete(client, only["remote_run_id"], reference)
-    # An interrupted sync is simply run again: here, forget what was recorded and repeat.
+    assert cli("sync", "--json").json()["synced"] == []
+
+
+@pytest.mark.server  # a real mlflow server; `mnistflow sync` is killed half-way
+@pytest.mark.parametrize("after_s", [1.0, 3.0, 5.0])
+def test_a_sync_killed_half_way_is_completed_by_the_next(
+    server, spool_folder, reference, cli, spawn, after_s
+):
+    result = cli(*TRAIN, "--tracking-uri", server.uri, "--wait-for-server", "0", "--register")
+    assert result.exit_code == 75, result.stderr
+    server.start()
+    first = spawn([*MNISTFLOW, "sync"])
+    time.sleep(after_s)  # a moment into its copy (or after: then it is whole already)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
     again = cli("sync", "--json")
-    assert again.json()["synced"] == []
-    counts = {k: len(v) for k, v in histories(client, only["remote_run_id"]).items()}
-    assert counts == {k: len(v) for k, v in reference.items()}
+    assert again.exit_code == 0, again.stderr
+    client = MlflowClient(server.uri)
+    (run_id,) = runs_in(server.uri)
+    mlflow.set_tracking_uri(server.uri)
+    assert_complete(client, run_id, reference)
+    (version,) = client.search_model_versions("name='mnist'")  # registered once
+    assert version.run_id == run_id and version.aliases == ["challenger"]
+    assert cli("sync", "--json").json()["synced"] == []
 
 
 # -- an embedded store whose disk fills up, or that is read-only --------------------------------
@@ -294,7 +384,7 @@ def test_a_store_whose_disk_fills_mid_run_loses_nothing(small_disk, spool_folder
     proc = start_training(spawn, uri, "--register")
     run_id = wait_for_run(f"sqlite:///{db}", db=db)  # the run has started in the store
     filler = fill(small_disk)
-    outcome = finish(proc)  # training went on: exit 0, no traceback
+    outcome = finish(proc, code=75)  # training went on: kept in the spool, no traceback
     assert outcome["json"]["spooled"] is True and outcome["json"]["run_id"] == run_id
     said = " ".join(outcome["stderr"].split())
     assert f"The MLflow store {uri} cannot be written now: its disk is full." in said
@@ -332,7 +422,7 @@ def test_a_full_store_at_start_trains_into_the_spool_unless_required(
     assert runs_in(spool.spool_uri()) == []  # and nothing spooled
 
     result = cli(*TRAIN, "--tracking-uri", uri)
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == 75, result.stderr
     assert result.json()["spooled"] is True
     warned = f"The MLflow store {uri} cannot be written now: its disk is full. Training goes on"
     assert len([m for m in caplog.messages if m.startswith(warned)]) == 1  # warned once
@@ -354,7 +444,7 @@ def test_a_read_only_store_spools_and_a_store_gone_is_not_made_again(small_disk,
     uri = f"sqlite:///{small_disk / 'mlflow.db'}"
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     result = cli(*TRAIN, "--tracking-uri", uri)
-    assert result.exit_code == 0, result.stderr
+    assert result.exit_code == 75, result.stderr
     assert result.json()["spooled"] is True
     assert result.json()["spool_reason"] == (
         f"The MLflow store {uri} cannot be written now: it is read-only."
@@ -385,3 +475,31 @@ def test_a_spool_on_a_full_disk_says_so_and_where_to_move_it(small_disk, store, 
         "written now: its disk is full; set MNISTFLOW_SPOOL_DIR to a folder on another disk."
     )
     assert not Path(store.removeprefix("sqlite:///")).exists()  # no store made either
+
+
+def test_a_pipeline_whose_run_waits_promotes_nothing(registered, tmp_path, monkeypatch):
+    # A store of our own with @champion at 1 and someone else's version 2 at @challenger.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    shutil.copyfile(registered[1]["folder"] / "mlflow.db", tmp_path / "mlflow.db")
+    client = MlflowClient(uri, registry_uri=uri)
+    registry.register(client, registered[1]["good"]["run_id"], "mnist")
+    aliases = client.get_registered_model("mnist").aliases
+    assert aliases == {"champion": "1", "challenger": "2"}
+
+    # The store cannot be written (its disk full): the run trains into the spool.
+    def full(store: str) -> None:
+        raise tracking.StoreUnwritable(
+            f"The MLflow store {store} cannot be written now: its disk is full."
+        ) from OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tracking, "check_writable", full)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(
+        "pipeline", "--limit-train", "2000", "--epochs", "1", "--tracking-uri", uri, "--json"
+    )
+    assert result.exit_code == 75, result.stderr
+    assert result.json()["promotion"] is None and result.json()["train"]["spooled"] is True
+    said = " ".join(result.stderr.split())
+    assert "The run is kept in the local spool" in said
+    assert "Nothing was promoted: the new model is registered only once its run is sent" in said
+    assert client.get_registered_model("mnist").aliases == aliases  # nobody's model promoted

@@ -4,6 +4,7 @@ on validation only, registration, several workers and commands on one study."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -326,3 +327,23 @@ def test_ctrl_c_kills_running_trials_and_a_later_command_resumes(tmp_path, spawn
     assert resumed.exit_code == 0, resumed.stderr
     assert resumed.json()["parent_run_id"] == parent.info.run_id
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_joining_again_registers_the_same_best_once(swept, tmp_path, monkeypatch):
+    # A copy of the finished study and store, so the other tests see the sweep as it was.
+    for name in ("mlflow.db", "study.log", "space.yaml"):
+        shutil.copyfile(swept["folder"] / name, tmp_path / name)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = optuna.load_study(study_name="s1", storage=journal(tmp_path / "study.log"))
+    study.enqueue_trial({"lr": LRS[-1]})  # hopeless: the best stays the best
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(
+        "sweep", "--study", "s1", "--storage", str(tmp_path / "study.log"), "--trials", "1",
+        "--space", str(tmp_path / "space.yaml"), *SLICE, "--tracking-uri", uri,
+        "--register", "--model-name", "swept", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert result.json()["best_run_id"] == swept["best_run_id"]
+    assert result.json()["registered_version"] == "1"
+    versions = MlflowClient(uri).search_model_versions("name='swept'")
+    assert [v.version for v in versions] == ["1"]

@@ -2,7 +2,7 @@
 
 Expected failures (bad input, unreachable store, missing data) end with one sentence on
 stderr and a non-zero exit code; Ctrl-C exits 130 and says what it left behind (a training
-run ends as KILLED).
+run ends as KILLED); a run kept in the local spool for `mnistflow sync` exits 75.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum, StrEnum
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, TypeVar, overload
 
 import typer
@@ -69,6 +70,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # What Ctrl-C leaves behind, said by each command (see friendly_errors).
 STOPPED = "the command stopped before it finished."
+# The exit code of a command whose run trained but is kept in the local spool, not yet in
+# its store (EX_TEMPFAIL of sysexits.h: try again later, here with `mnistflow sync`).
+KEPT_IN_SPOOL = 75
+NOT_PROMOTED = (
+    "Nothing was promoted: the new model is registered only once its run is sent; then run "
+    "mnistflow promote."
+)
 
 
 @overload
@@ -349,7 +357,11 @@ def train(
         ),
     ] = None,
 ) -> None:
-    """Train a model on MNIST and record the run (and its model) in MLflow."""
+    """Train a model on MNIST and record the run (and its model) in MLflow.
+
+    Exit code 0: the run is in its store; 75: it trained, but waits in the local spool for
+    `mnistflow sync` (the store was away).
+    """
     from mnistflow.pipeline import train_run
 
     if engine is Engine.plain and (devices > 1 or num_nodes > 1 or resume):
@@ -404,6 +416,13 @@ def train(
     finally:
         bar.stop()
     print_result(summary.as_dict(), as_json, "Training run")
+    say_where(summary, as_json)
+
+
+def say_where(summary: Any, as_json: bool, also: str = "") -> None:
+    """Where a training run landed. A run kept in the local spool is said in one sentence
+    (and also, when given) and exits KEPT_IN_SPOOL, so a script can tell it from a run in
+    its store."""
     if summary.spooled:
         from mnistflow import remote
 
@@ -412,10 +431,11 @@ def train(
         )
         err.print(
             f"[yellow]{reason}[/] The run is kept in the local spool; send it with "
-            f"[bold]mnistflow sync[/] {remote.send_later(summary.tracking_uri)}.",
+            f"[bold]mnistflow sync[/] {remote.send_later(summary.tracking_uri)}.{also}",
             soft_wrap=True,
         )
-    elif not as_json:
+        raise typer.Exit(KEPT_IN_SPOOL)
+    if not as_json:
         err.print(f"See it in the MLflow UI: [bold]mnistflow ui[/] (run {summary.run_id}).")
 
 
@@ -454,7 +474,10 @@ def baseline(
     model_name: ModelName = MODEL_NAME,
     as_json: JsonOut = False,
 ) -> None:
-    """Fit a scikit-learn baseline under MLflow autologging, recorded like a training run."""
+    """Fit a scikit-learn baseline under MLflow autologging, recorded like a training run.
+
+    Exit code 75: the run waits in the local spool for `mnistflow sync`, as with train.
+    """
     from mnistflow.baseline import BaselineConfig, baseline_run
 
     tracking_config = TrackingConfig(
@@ -473,8 +496,7 @@ def baseline(
         register_as=model_name if register else None,
     )
     print_result(summary.as_dict(), as_json, "Baseline run")
-    if not as_json:
-        err.print(f"See it in the MLflow UI: [bold]mnistflow ui[/] (run {summary.run_id}).")
+    say_where(summary, as_json)
 
 
 @app.command()
@@ -733,7 +755,10 @@ def pipeline(
     tracking_uri: TrackingUri = None,
     as_json: JsonOut = False,
 ) -> None:
-    """The whole job: train and register, promote by evaluation, classify sample digits."""
+    """The whole job: train and register, promote by evaluation, classify sample digits.
+
+    Exit code 75: the run waits in the local spool for `mnistflow sync`; nothing was promoted.
+    """
     from mnistflow.pipeline import run_pipeline
 
     train_config = preset_config(
@@ -759,6 +784,11 @@ def pipeline(
         )
     finally:
         bar.stop()
+    if result["promotion"] is None:
+        # The new model waits in the spool, unregistered: nothing was promoted.
+        print_result(result if as_json else result["train"], as_json, "Training run")
+        summary = SimpleNamespace(**result["train"])
+        say_where(summary, True, f" {NOT_PROMOTED}")
     if as_json:
         print_result(result, True, "")
         return
@@ -808,7 +838,13 @@ def sync(
     ] = None,
     as_json: JsonOut = False,
 ) -> None:
-    """Send the runs kept in the local spool (the server was away) to their tracking server."""
+    """Send the runs kept in the local spool (the server was away) to their tracking server.
+
+    Each run is sent on its own: one that cannot be sent (its store away, its run deleted
+    there) waits in the spool with why, and the others are sent. A run whose training
+    process died is sent with what it had logged and ended FAILED. Exit code 1: some runs
+    still wait.
+    """
     from mnistflow import spool
 
     if list_only:
@@ -841,7 +877,7 @@ def sync(
         for r in results:
             state = "[green]sent[/]" if r.complete else f"[yellow]waiting[/] ({r.error})"
             line = f"{r.spool_run_id} -> {r.target} run {r.remote_run_id or '-'}: {state}"
-            out.print(redact(line))
+            out.print(redact(line + (f" {r.note}" if r.note else "")), soft_wrap=True)
         if not results:
             out.print("Nothing waits in the spool.")
     if any(not r.complete for r in results):

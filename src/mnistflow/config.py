@@ -24,6 +24,10 @@ MODEL_NAME = "mnist"
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
+# Why a run ended FAILED, in one sentence (the exception's message), as a run tag.
+FAILURE_TAG = "failure_reason"
+
+
 class MnistflowError(Exception):
     """An expected failure, told to the user as one sentence (no traceback)."""
 

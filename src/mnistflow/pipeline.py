@@ -320,6 +320,10 @@ def run_pipeline(
     summary = train_run(
         data_config, train_config, tracking_config, progress, model_name, splits=splits
     )
+    if summary.registered_version is None:
+        # The run waits in the spool and its model is not registered yet: promoting now
+        # would judge whatever @challenger already is (someone else's, or one refused before).
+        return {"train": summary.as_dict(), "promotion": None, "samples": None}
     decision = promotion.promote(
         summary.tracking_uri,
         model_name,

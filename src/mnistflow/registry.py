@@ -151,6 +151,31 @@ def register(
     return client.get_model_version(name, mv.version)
 
 
+def ensure_registered(client: MlflowClient, run_id: str, name: str, model_id: str) -> ModelVersion:
+    """register, once: when a version of name already holds this run's model_id (an earlier
+    try, cut off or not), its missing steps are completed instead of making a second one.
+
+    The steps a cut-off registration may lack: the logged model's link to its version, and
+    @challenger, which it takes unless a later version (registered since) or @champion has
+    moved past it."""
+    versions = [
+        v
+        for v in client.search_model_versions(f"name='{name}' AND run_id='{run_id}'")
+        if getattr(v, "model_id", None) in (model_id, None)
+    ]
+    if not versions:
+        return register(client, run_id, name, model_id)
+    version = str(min(int(v.version) for v in versions))
+    _link_logged_model(client, model_id, name, version)
+    challenger = alias_version(client, name, CHALLENGER)
+    champion = alias_version(client, name, CHAMPION)
+    newer = challenger is not None and int(challenger) > int(version)
+    passed = champion is not None and int(champion) >= int(version)
+    if challenger != version and not newer and not passed:
+        _retrying(client.set_registered_model_alias, name, CHALLENGER, version)
+    return client.get_model_version(name, version)
+
+
 def _link_logged_model(client: MlflowClient, model_id: str, name: str, version: str) -> None:
     """Tag the logged model with its registered versions, as mlflow.register_model does (the
     UI's model page links to them; an MLflow server adds the link itself). Read-modify-write:

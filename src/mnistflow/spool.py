@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -36,12 +37,14 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from filelock import FileLock, Timeout
 from mlflow.entities import (
     DatasetInput,
     LoggedModelOutput,
@@ -51,10 +54,11 @@ from mlflow.entities import (
     RunStatus,
     RunTag,
 )
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnistflow import remote
-from mnistflow.config import MnistflowError
+from mnistflow.config import FAILURE_TAG, MnistflowError
 
 log = logging.getLogger(__name__)
 
@@ -224,20 +228,61 @@ class SyncResult:
     registered_version: str | None = None
     error: str | None = None
     models: dict[str, str] = field(default_factory=dict)  # spool model id -> server model id
+    note: str | None = None  # what sync did beyond copying (a dead writer's run ended)
+
+
+class CopyIncomplete(MnistflowError):
+    """The target does not hold the whole run yet after a copy; the next copy sends the rest."""
+
+
+# A metric point as compared between the spool and the target: (step, timestamp, value),
+# NaN as a string (nan != nan would make every NaN point look missing).
+Point = tuple[int, int, "float | str"]
+
+
+def _point(metric: Metric) -> Point:
+    value = metric.value
+    return (metric.step, metric.timestamp, "nan" if math.isnan(value) else value)
+
+
+def _unlinked(metric: Metric) -> Metric:
+    """metric for the run's history alone (its link to a model is the spool's model's)."""
+    return Metric(metric.key, metric.value, metric.timestamp, metric.step)
+
+
+def _missing(history: list[Metric], have: Counter[Point]) -> list[Metric]:
+    """The points of history that have (a multiset of points) does not hold."""
+    left = Counter(have)
+    missing = []
+    for metric in history:
+        point = _point(metric)
+        if left[point] > 0:
+            left[point] -= 1
+        else:
+            missing.append(metric)
+    return missing
 
 
 @dataclass
 class RunCopier:
-    """Copies one spool run to its target store, idempotently (see the module's docstring)."""
+    """Copies one spool run to its target store, idempotently (see the module's docstring).
+
+    Nothing counts as copied until the target has acknowledged it; where an answer never
+    came (a timeout: the target may or may not have applied the request), the next copy
+    first reads back what the target holds. finish() checks the whole run on the target
+    before the run is marked done.
+    """
 
     spool: MlflowClient
     target: str
     spool_run_id: str
-    # What this process has sent already; a fresh copier re-sends (harmlessly) from zero.
-    sent_metrics: dict[str, int] = field(default_factory=dict)
+    # Per metric key, the points the target holds as far as this copier knows; None when
+    # unknown (a fresh copier, or after a request whose outcome is unknown): then read back.
+    acked: dict[str, Counter[Point]] | None = None
     sent_artifacts: set[str] = field(default_factory=set)
     sent_fields: dict[str, Any] = field(default_factory=dict)  # params, tags, inputs as sent
     models: dict[str, str] = field(default_factory=dict)  # spool model id -> server model id
+    whole: set[str] = field(default_factory=set)  # server models checked READY with their files
     linked: set[str] = field(default_factory=set)  # server models that have their metrics
     remote_run_id: str | None = None
     remote_experiment_id: str | None = None
@@ -261,23 +306,39 @@ class RunCopier:
         self.remote_experiment_id = remote_experiment(self.remote, experiment.name)
         recorded = run.data.tags.get(REMOTE_RUN)
         if not recorded:
-            found = self.remote.search_runs(
-                [self.remote_experiment_id],
-                filter_string=f"tags.`{SPOOL_RUN}` = '{self.spool_run_id}'",
-                max_results=1,
-            )
-            if found:
-                recorded = found[0].info.run_id
-            else:
-                recorded = self.remote.create_run(
+            recorded = self._find_remote_run()
+            if recorded is None:
+                self.remote.create_run(
                     self.remote_experiment_id,
                     start_time=run.info.start_time,
                     tags={SPOOL_RUN: self.spool_run_id},
                     run_name=run.info.run_name,
-                ).info.run_id
+                )
+                # Searched again rather than taking create_run's answer: a create whose
+                # answer was lost earlier may have landed meanwhile (see _find_remote_run).
+                recorded = self._find_remote_run()
+                if recorded is None:
+                    raise CopyIncomplete(f"The run created on {self.target} is not found there.")
             self.spool.set_tag(self.spool_run_id, REMOTE_RUN, recorded)
         self.remote_run_id = recorded
         return recorded
+
+    def _find_remote_run(self) -> str | None:
+        """The target's run made for this spool run. Should two exist (a create whose answer
+        was lost, and a second one made before the first landed), the first by id is kept and
+        the other deleted: neither holds data yet, which is sent only once one is recorded."""
+        assert self.remote_experiment_id is not None
+        found = sorted(
+            r.info.run_id
+            for r in self.remote.search_runs(
+                [self.remote_experiment_id],
+                filter_string=f"tags.`{SPOOL_RUN}` = '{self.spool_run_id}'",
+                max_results=10,
+            )
+        )
+        for duplicate in found[1:]:
+            self.remote.delete_run(duplicate)
+        return found[0] if found else None
 
     def push_run_data(self) -> None:
         """Params, tags, dataset inputs and the metrics not linked to a model."""
@@ -298,7 +359,8 @@ class RunCopier:
         ]
         tags.append(RunTag(SPOOL_RUN, self.spool_run_id))
         if self.sent_fields.get("params") != params or self.sent_fields.get("tags") != tags:
-            # MLflow takes at most 100 params and 100 tags per call.
+            # MLflow takes at most 100 params and 100 tags per call. Setting one again with
+            # the same value is a no-op, so a batch whose answer was lost is simply resent.
             for start in range(0, max(len(params), len(tags)), 100):
                 self.remote.log_batch(
                     remote_id, params=params[start : start + 100], tags=tags[start : start + 100]
@@ -306,56 +368,119 @@ class RunCopier:
             self.sent_fields.update(params=params, tags=tags)
         inputs = run.inputs.dataset_inputs if run.inputs else []
         if len(inputs) != self.sent_fields.get("inputs", 0):
+            # MLflow deduplicates dataset inputs on (name, digest) and context.
             self.remote.log_inputs(
                 remote_id, datasets=[DatasetInput(i.dataset, i.tags) for i in inputs]
             )
             self.sent_fields["inputs"] = len(inputs)
-        self._push_metrics(run.data.metrics)
+        self._push_metrics(run.data.metrics, self._model_points())
 
-    def _push_metrics(self, latest: dict[str, float]) -> None:
-        """The run's metric histories (which links to a model they have is not in a history:
-        push_models copies those links)."""
+    def _model_points(self) -> dict[str, Counter[Point]]:
+        """Per key, the points logged with a link to one of the run's models: _link_metrics
+        sends them (with the link, which also puts them in the run's history)."""
+        points: dict[str, Counter[Point]] = {}
+        for model in self._spool_models():
+            if model.status == LoggedModelStatus.READY:
+                for m in model.metrics or []:
+                    points.setdefault(m.key, Counter())[_point(m)] += 1
+        return points
+
+    def _spool_models(self) -> list[Any]:
+        run = self.spool.get_run(self.spool_run_id)
+        outputs = run.outputs.model_outputs if run.outputs else []
+        return [self.spool.get_logged_model(o.model_id) for o in outputs]
+
+    def _target_points(self, remote_id: str, keys: Any) -> dict[str, Counter[Point]]:
+        return {
+            key: Counter(map(_point, self.remote.get_metric_history(remote_id, key)))
+            for key in keys
+        }
+
+    def _push_metrics(self, latest: dict[str, float], linked: dict[str, Counter[Point]]) -> None:
+        """What the target lacks of the run's metric histories, leaving out the points linked
+        to a model (see _model_points)."""
         remote_id = self.ensure_remote_run()
+        if self.acked is None:
+            self.acked = self._target_points(remote_id, latest)
         pending: list[Metric] = []
         for key in sorted(latest):
             history = self.spool.get_metric_history(self.spool_run_id, key)
-            history.sort(key=lambda m: (m.step, m.timestamp))
-            done = self.sent_metrics.get(key, 0)
-            fresh = history[done:]
-            pending += [Metric(m.key, m.value, m.timestamp, m.step) for m in fresh]
-            self.sent_metrics[key] = done + len(fresh)
+            have = self.acked.setdefault(key, Counter()) + linked.get(key, Counter())
+            pending += [_unlinked(m) for m in _missing(history, have)]
         self._log_metrics(remote_id, pending)
 
     def _log_metrics(self, remote_id: str, metrics: list[Metric]) -> None:
+        """metrics to the run on the target, counted as there only once it said so."""
         # MLflow takes at most 1,000 metrics per call.
         for start in range(0, len(metrics), 1000):
-            self.remote.log_batch(remote_id, metrics=metrics[start : start + 1000])
+            batch = metrics[start : start + 1000]
+            try:
+                self.remote.log_batch(remote_id, metrics=batch)
+            except BaseException:
+                self.acked = None  # applied or not: the next copy reads back what is there
+                raise
+            if self.acked is not None:
+                for m in batch:
+                    self.acked.setdefault(m.key, Counter())[_point(m)] += 1
+
+    def check_metrics(self) -> None:
+        """Every metric history on the target holds exactly the spool's points (system metrics
+        and linked ones included); what is missing is sent, then checked again."""
+        remote_id = self.ensure_remote_run()
+        keys = self.spool.get_run(self.spool_run_id).data.metrics
+        for attempt in range(2):
+            there = self._target_points(remote_id, keys)
+            self.acked = there
+            missing = []
+            extra = []
+            for key in sorted(keys):
+                history = self.spool.get_metric_history(self.spool_run_id, key)
+                missing += _missing(history, there[key])
+                extra_points = there[key] - Counter(map(_point, history))
+                extra += [f"{key}@{p[0]}" for p in extra_points.elements()]
+            if extra:
+                # MLflow cannot delete a metric point: say so rather than hide it.
+                log.warning(
+                    "run %s on %s holds %d metric points the spool does not (%s): a store "
+                    "that does not deduplicate metrics took a request twice",
+                    remote_id, self.target, len(extra), ", ".join(extra[:5]),
+                )  # fmt: skip
+            if not missing:
+                return
+            if attempt == 1:
+                raise CopyIncomplete(
+                    f"{len(missing)} metric points of run {remote_id} did not reach {self.target}."
+                )
+            self._log_metrics(remote_id, [_unlinked(m) for m in missing])
+
+    # -- models ----------------------------------------------------------------------------
 
     def push_models(self) -> None:
-        """Every finished model of the spool run onto the server, once each."""
+        """Every finished model of the spool run onto the target, once each, whole."""
         remote_id = self.ensure_remote_run()
         assert self.remote_experiment_id is not None
         run = self.spool.get_run(self.spool_run_id)
         outputs = run.outputs.model_outputs if run.outputs else []
         if not outputs:
             return
-        existing = {
-            m.tags.get(SPOOL_MODEL): m.model_id
-            for m in self.remote.search_logged_models(
-                experiment_ids=[self.remote_experiment_id],
-                filter_string=f"source_run_id = '{remote_id}'",
-            )
-        }
+        there: dict[str, list[Any]] = {}
+        for m in self.remote.search_logged_models(
+            experiment_ids=[self.remote_experiment_id],
+            filter_string=f"source_run_id = '{remote_id}'",
+        ):
+            there.setdefault(m.tags.get(SPOOL_MODEL, ""), []).append(m)
         for output in outputs:
             spool_model = self.spool.get_logged_model(output.model_id)
             if spool_model.status != LoggedModelStatus.READY:
                 continue
-            remote_model = existing.get(spool_model.model_id) or self.models.get(
-                spool_model.model_id
+            remote_model = self.models.get(spool_model.model_id) or self._one_model(
+                there.get(spool_model.model_id, [])
             )
             if remote_model is None:
-                remote_model = self._copy_model(spool_model, remote_id)
+                remote_model = self._create_model(spool_model, remote_id)
             self.models[spool_model.model_id] = remote_model
+            if remote_model not in self.whole:
+                self._complete_model(spool_model, remote_model, remote_id)
             self._link_metrics(spool_model, remote_model, remote_id)
         remote_outputs = self.remote.get_run(remote_id).outputs
         linked = {o.model_id for o in (remote_outputs.model_outputs if remote_outputs else [])}
@@ -366,6 +491,64 @@ class RunCopier:
         ]
         if missing:  # linking twice is a unique-key violation on PostgreSQL
             self.remote.log_outputs(remote_id, missing)
+
+    def _one_model(self, candidates: list[Any]) -> str | None:
+        """The target's model made for one spool model: a READY one first, else the first by
+        id; others (a create whose answer was lost, then made again) are deleted."""
+        if not candidates:
+            return None
+        ordered = sorted(
+            candidates, key=lambda m: (m.status != LoggedModelStatus.READY, m.model_id)
+        )
+        for duplicate in ordered[1:]:
+            self.remote.delete_logged_model(duplicate.model_id)
+        return str(ordered[0].model_id)
+
+    def _create_model(self, spool_model: Any, remote_run_id: str) -> str:
+        assert self.remote_experiment_id is not None
+        self.remote.create_logged_model(
+            self.remote_experiment_id,
+            name=spool_model.name,
+            source_run_id=remote_run_id,
+            tags={**spool_model.tags, SPOOL_MODEL: spool_model.model_id},
+            params=spool_model.params,
+            model_type=spool_model.model_type,
+        )
+        # Found again by its tag, as _find_remote_run finds the run (a lost answer).
+        found = self.remote.search_logged_models(
+            experiment_ids=[self.remote_experiment_id],
+            filter_string=f"source_run_id = '{remote_run_id}'",
+        )
+        made = self._one_model(
+            [m for m in found if m.tags.get(SPOOL_MODEL) == spool_model.model_id]
+        )
+        if made is None:
+            raise CopyIncomplete(f"The model created on {self.target} is not found there.")
+        return made
+
+    def _complete_model(self, spool_model: Any, remote_model: str, remote_run_id: str) -> None:
+        """A target model READY with every file of the spool's: an upload cut off half-way
+        (PENDING, files missing) is uploaded again (same paths: an overwrite) and finalized."""
+        existing = self.remote.get_logged_model(remote_model)
+        wanted = _files(lambda p: self.spool.list_logged_model_artifacts(spool_model.model_id, p))
+        if existing.status != LoggedModelStatus.READY or not _same_files(
+            wanted, _files(lambda p: self.remote.list_logged_model_artifacts(remote_model, p))
+        ):
+            with tempfile.TemporaryDirectory(prefix="mnistflow-sync-") as tmp:
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=spool_model.artifact_location, dst_path=tmp,
+                        tracking_uri=self.spool.tracking_uri,
+                    )
+                )  # fmt: skip
+                _rewrite_ids(local, remote_model, remote_run_id)
+                self.remote.log_model_artifacts(remote_model, str(local))
+            if not _same_files(
+                wanted, _files(lambda p: self.remote.list_logged_model_artifacts(remote_model, p))
+            ):
+                raise CopyIncomplete(f"The files of model {remote_model} did not all arrive.")
+            self.remote.finalize_logged_model(remote_model, LoggedModelStatus.READY)
+        self.whole.add(remote_model)
 
     def _link_metrics(self, spool_model: Any, remote_model: str, remote_run_id: str) -> None:
         """The metrics linked to a model (MLflow's model views show them), once: the target's
@@ -378,34 +561,15 @@ class RunCopier:
                        dataset_name=m.dataset_name, dataset_digest=m.dataset_digest)
                 for m in spool_model.metrics
             ]  # fmt: skip
-            # Also in the run's history, as in the spool: an identical metric is not doubled.
+            # In the run's history too (MLflow writes both), as in the spool.
             self._log_metrics(remote_run_id, linked)
         self.linked.add(remote_model)
 
-    def _copy_model(self, spool_model: Any, remote_run_id: str) -> str:
-        assert self.remote_experiment_id is not None
-        created = self.remote.create_logged_model(
-            self.remote_experiment_id,
-            name=spool_model.name,
-            source_run_id=remote_run_id,
-            tags={**spool_model.tags, SPOOL_MODEL: spool_model.model_id},
-            params=spool_model.params,
-            model_type=spool_model.model_type,
-        )
-        with tempfile.TemporaryDirectory(prefix="mnistflow-sync-") as tmp:
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=spool_model.artifact_location, dst_path=tmp,
-                    tracking_uri=self.spool.tracking_uri,
-                )
-            )  # fmt: skip
-            _rewrite_ids(local, created.model_id, remote_run_id)
-            self.remote.log_model_artifacts(created.model_id, str(local))
-        self.remote.finalize_logged_model(created.model_id, LoggedModelStatus.READY)
-        return str(created.model_id)
+    # -- artifacts -------------------------------------------------------------------------
 
     def push_artifacts(self) -> None:
-        """The run's own artifacts (not its models'), file by file, new ones only."""
+        """The run's own artifacts (not its models'), file by file: those not yet sent, then
+        any the target does not hold with the same size."""
         remote_id = self.ensure_remote_run()
         root = Path(
             mlflow.artifacts.download_artifacts(
@@ -414,18 +578,34 @@ class RunCopier:
             )
         )  # fmt: skip
         try:
-            for path in sorted(p for p in root.rglob("*") if p.is_file()):
-                relative = path.relative_to(root)
-                if str(relative) in self.sent_artifacts:
-                    continue
-                folder = str(relative.parent) if relative.parent != Path(".") else None
-                self.remote.log_artifact(remote_id, str(path), folder)
-                self.sent_artifacts.add(str(relative))
+            files = {
+                str(p.relative_to(root)): p.stat().st_size
+                for p in sorted(root.rglob("*"))
+                if p.is_file()
+            }
+            for _attempt in range(2):
+                for relative in files:
+                    if relative in self.sent_artifacts:
+                        continue
+                    folder = str(Path(relative).parent) if "/" in relative else None
+                    self.remote.log_artifact(remote_id, str(root / relative), folder)
+                    self.sent_artifacts.add(relative)
+                there = _files(lambda p: self.remote.list_artifacts(remote_id, p))
+                wrong = {f for f, size in files.items() if there.get(f) != size}
+                if not wrong:
+                    return
+                self.sent_artifacts -= wrong
+            raise CopyIncomplete(
+                f"{len(wrong)} artifact files of run {remote_id} did not reach {self.target}."
+            )
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
+    # -- the end ---------------------------------------------------------------------------
+
     def finish(self) -> SyncResult:
-        """The whole run onto its target, its registration, then its end; safe to repeat."""
+        """The whole run onto its target, checked there, its registration, then its end; safe
+        to repeat from any point it stopped at."""
         run = self.spool.get_run(self.spool_run_id)
         target = run.data.tags.get(TARGET, "")
         result = SyncResult(self.spool_run_id, target)
@@ -435,11 +615,16 @@ class RunCopier:
         self.push_run_data()
         self.push_models()
         self.push_artifacts()
+        self.check_metrics()
         remote_id = self.ensure_remote_run()
         result.remote_run_id = remote_id
         name = run.data.tags.get(REGISTER_AS)
-        if name and run.info.status == RunStatus.to_string(RunStatus.FINISHED):
-            result.registered_version = self._register(name, remote_id)
+        served = next((m for s, m in self.models.items() if self._name(s) == "model"), None)
+        if name and served and run.info.status == RunStatus.to_string(RunStatus.FINISHED):
+            from mnistflow import registry
+
+            version = registry.ensure_registered(self.remote, remote_id, name, served)
+            result.registered_version = str(version.version)
             self.spool.set_tag(self.spool_run_id, REGISTERED, result.registered_version)
         self._forget_waiting(remote_id, run.data.tags)
         self.remote.set_terminated(remote_id, run.info.status, run.info.end_time)
@@ -464,23 +649,33 @@ class RunCopier:
     def _forget_waiting(self, remote_id: str, spool_tags: dict[str, str]) -> None:
         """The target's run loses the failure reason _mark_failed gave it while the copy
         waited (the run's own reason, if it has one, was copied over it)."""
-        from mnistflow.tracking import FAILURE_TAG
-
         reason = self.remote.get_run(remote_id).data.tags.get(FAILURE_TAG, "")
         if reason.endswith(KEPT) and FAILURE_TAG not in spool_tags:
             self.remote.delete_tag(remote_id, FAILURE_TAG)
 
-    def _register(self, name: str, remote_run_id: str) -> str:
-        from mnistflow import registry
-
-        for version in self.remote.search_model_versions(f"name='{name}'"):
-            if version.run_id == remote_run_id or version.tags.get("run_id") == remote_run_id:
-                return str(version.version)
-        served = next((m for s, m in self.models.items() if self._name(s) == "model"), None)
-        return str(registry.register(self.remote, remote_run_id, name, served).version)
-
     def _name(self, spool_model_id: str) -> str:
         return str(self.spool.get_logged_model(spool_model_id).name)
+
+
+def _files(list_folder: Any, path: str | None = None) -> dict[str, int]:
+    """Every file under path as {relative path: size}, listed one folder at a time by
+    list_folder (a client's list_artifacts or list_logged_model_artifacts)."""
+    files: dict[str, int] = {}
+    for info in list_folder(path):
+        if info.is_dir:
+            files.update(_files(list_folder, info.path))
+        else:
+            files[info.path] = int(info.file_size or 0)
+    return files
+
+
+def _same_files(wanted: dict[str, int], there: dict[str, int]) -> bool:
+    """there holds every file of wanted, of the same size (MLmodel by name only: the copy's
+    names the target's model and run)."""
+    return all(
+        name in there and (name.endswith("MLmodel") or there[name] == size)
+        for name, size in wanted.items()
+    )
 
 
 def local_folder(artifact_uri: str) -> Path | None:
@@ -564,7 +759,8 @@ class Forwarder(threading.Thread):
 
 
 def finish_with_deadline(copier: RunCopier, deadline_s: float) -> SyncResult:
-    """The final copy at the end of a command: try until it works or deadline_s pass."""
+    """The final copy at the end of a command: try until it works or deadline_s pass. A
+    refusal of the run itself is not waited on: the run stays in the spool, with why."""
     end = time.monotonic() + deadline_s
     target = copier.target
     while True:
@@ -574,14 +770,17 @@ def finish_with_deadline(copier: RunCopier, deadline_s: float) -> SyncResult:
             problem = auth_problem(e, target)
             if problem:
                 raise MnistflowError(problem) from e
-            if not remote.is_outage(e):
-                raise
             last = e
+            if not (remote.is_outage(e) or isinstance(e, CopyIncomplete)):
+                break
         if time.monotonic() >= end:
-            reason = outage_reason(last, target)
-            _mark_failed(copier, reason)
-            return SyncResult(copier.spool_run_id, target, copier.remote_run_id, error=reason)
+            break
         time.sleep(2)
+    reason = why_not_sent(last, target, copier.remote_run_id)
+    if remote.is_outage(last):
+        reason = outage_reason(last, target)
+    _mark_failed(copier, reason)
+    return SyncResult(copier.spool_run_id, target, copier.remote_run_id, error=reason)
 
 
 def _mark_failed(copier: RunCopier, reason: str) -> None:
@@ -594,7 +793,7 @@ def _mark_failed(copier: RunCopier, reason: str) -> None:
     # request on that kept-alive connection too; a new one goes through.
     for attempt in range(3):
         try:
-            copier.remote.set_tag(copier.remote_run_id, "failure_reason", why)
+            copier.remote.set_tag(copier.remote_run_id, FAILURE_TAG, why)
             copier.remote.set_terminated(copier.remote_run_id, "FAILED")
             return
         except Exception as e:  # the store may be away altogether
@@ -605,7 +804,8 @@ def _mark_failed(copier: RunCopier, reason: str) -> None:
 
 
 def pending(folder: Path | None = None) -> list[Any]:
-    """Spool runs not yet completely on their server (finished ones, and stale running ones)."""
+    """Spool runs not yet completely on their server (finished ones, and running ones:
+    written now, or left by a writer that died)."""
     client = MlflowClient(spool_uri(folder))
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
@@ -614,43 +814,105 @@ def pending(folder: Path | None = None) -> list[Any]:
     return [r for r in runs if TARGET in r.data.tags and r.data.tags.get(DONE) != "true"]
 
 
+# -- one copier per run: its lock ---------------------------------------------------------
+
+# A RUNNING spool run with no lock file younger than this is still starting (the lock is
+# taken a moment after the run is made); older, its writer died before taking it.
+STARTING_S = 60.0
+# Why a dead writer's run ended, as its failure_reason.
+DIED = (
+    "The training process stopped without ending its run (killed, out of memory or a "
+    "reboot); mnistflow sync sent what it had logged and ended the run FAILED."
+)
+
+
+def run_lock(spool_run_id: str, folder: Path | None = None) -> FileLock:
+    """The lock of one spool run. The training process holds it from the run's start to the
+    end of its final copy, and `mnistflow sync` while it copies the run: one copier per run
+    at a time. The OS releases it when its holder dies, however it dies, so a RUNNING run
+    whose lock is free was left by a writer that is gone."""
+    locks = (folder or spool_dir()) / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    # filelock: flock on POSIX, and the same code on the other systems MLflow runs on.
+    return FileLock(locks / f"{spool_run_id}.lock")
+
+
 def sync(folder: Path | None = None, target: str | None = None) -> list[SyncResult]:
-    """Send every pending spool run (for target, when given) to its server."""
+    """Send every pending spool run (for target, when given) to its target store. Each run's
+    outcome is its own: one that cannot be sent is reported and the others go on."""
     with short_requests(timeout=60):
-        return _sync(folder, target)
+        quiet_store_errors()
+        spool = MlflowClient(spool_uri(folder))
+        wanted = target_uri(target) if target else None
+        results = []
+        for run in pending(folder):
+            uri = run.data.tags[TARGET]
+            if not wanted or uri == wanted:
+                results.append(_sync_one(spool, run, folder))
+        return results
 
 
-def _sync(folder: Path | None, target: str | None) -> list[SyncResult]:
-    quiet_store_errors()
-    spool = MlflowClient(spool_uri(folder))
-    wanted = target_uri(target) if target else None
-    results = []
-    for run in pending(folder):
-        uri = run.data.tags[TARGET]
-        if wanted and uri != wanted:
-            continue
+def _sync_one(spool: MlflowClient, run: Any, folder: Path | None) -> SyncResult:
+    run_id, uri = run.info.run_id, run.data.tags[TARGET]
+    waiting = SyncResult(run_id, uri, run.data.tags.get(REMOTE_RUN))
+    lock = run_lock(run_id, folder)
+    fresh = not Path(lock.lock_file).exists()
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        waiting.error = "its training process or another sync is sending it now"
+        return waiting
+    try:
+        run = spool.get_run(run_id)  # again, under the lock
+        if run.data.tags.get(DONE) == "true":
+            return SyncResult(run_id, uri, run.data.tags.get(REMOTE_RUN), complete=True)
+        note = None
         if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
-            results.append(SyncResult(run.info.run_id, uri, error="still running"))
-            continue
+            age_s = time.time() - run.info.start_time / 1000
+            if fresh and age_s < STARTING_S:
+                waiting.error = "it is still running"
+                return waiting
+            # Nobody holds its lock: the process that wrote it is gone.
+            spool.set_tag(run_id, FAILURE_TAG, DIED)
+            spool.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+            note = DIED
         if gone := _gone(uri):
-            results.append(SyncResult(run.info.run_id, uri, run.data.tags.get(REMOTE_RUN),
-                                      error=gone))  # fmt: skip
-            continue
-        copier = RunCopier(spool, uri, run.info.run_id)
+            waiting.error = gone
+            return waiting
+        copier = RunCopier(spool, uri, run_id)
         try:
-            results.append(copier.finish())
+            result = copier.finish()
         except Exception as e:
-            problem = auth_problem(e, uri)
-            if problem:
-                raise MnistflowError(problem) from e
-            if not remote.is_outage(e):
-                raise
-            error = (
-                outage_reason(e, uri) if is_embedded(uri)
-                else f"the tracking server at {uri} did not answer"
-            )  # fmt: skip
-            results.append(SyncResult(run.info.run_id, uri, copier.remote_run_id, error=error))
-    return results
+            waiting.remote_run_id = copier.remote_run_id or waiting.remote_run_id
+            waiting.error = why_not_sent(e, uri, waiting.remote_run_id)
+            waiting.note = note
+            return waiting
+        result.note = note
+        return result
+    finally:
+        lock.release()
+
+
+def why_not_sent(error: BaseException, target: str, remote_run_id: str | None) -> str:
+    """One sentence for a copy that failed: an outage, a refused login, or a refusal of the
+    run itself (deleted or archived in the UI, its experiment gone, a bad request)."""
+    log.debug("copying to %s failed", target, exc_info=error)
+    if problem := auth_problem(error, target):
+        return problem
+    if remote.is_outage(error):
+        if is_embedded(target):
+            return outage_reason(error, target)
+        return f"the tracking server at {target} did not answer"
+    if isinstance(error, MnistflowError):
+        return str(error)
+    message = error.message if isinstance(error, MlflowException) else str(error)
+    message = message.strip().splitlines()[0] if message.strip() else type(error).__name__
+    if remote_run_id and ("deleted" in message or "active" in message):
+        return (
+            f"{target} refuses run {remote_run_id}: it or its experiment was deleted "
+            f"({message}); restore it in the MLflow UI, then run mnistflow sync again."
+        )
+    return f"{target} refused the run's copy: {message}"
 
 
 def _gone(target: str) -> str | None:
@@ -685,6 +947,8 @@ class Session:
         self.copier: RunCopier | None = None
         self.forwarder: Forwarder | None = None
         self.server_up = True  # the target takes writes (a server answers, a store is writable)
+        self.lock: FileLock | None = None
+        self._closed = False
         self._requests = short_requests()
         self._requests.__enter__()
         if self.embedded:
@@ -721,6 +985,10 @@ class Session:
     def attach(self, spool_run_id: str, remote_run_id: str | None = None) -> None:
         """Start copying spool_run_id; remote_run_id: a target run it completes (an MLflow
         Project's), instead of one found or created by the copy."""
+        # Held until the final copy is through: `mnistflow sync` leaves the run alone meanwhile,
+        # and takes it over should this process die.
+        self.lock = run_lock(spool_run_id)
+        self.lock.acquire(timeout=0)
         spool = MlflowClient(self.uri)
         spool.set_tag(spool_run_id, TARGET, self.target)
         if remote_run_id:
@@ -742,8 +1010,6 @@ class Session:
         a reason no waiting mends (a file in its place) fails the run now, with why, as the
         first artifact did when runs were written directly; a full disk is an outage."""
         assert self.copier is not None and self.copier.remote_run_id is not None
-        from mnistflow import tracking
-
         run_id = self.copier.remote_run_id
         artifact_uri = self.copier.remote.get_run(run_id).info.artifact_uri
         folder = local_folder(artifact_uri)
@@ -761,11 +1027,11 @@ class Session:
                 f"Cannot write artifacts to {artifact_uri} ({e}); make it writable or set "
                 "another artifact location for the experiment."
             )
-            self.copier.remote.set_tag(run_id, tracking.FAILURE_TAG, f"MnistflowError: {reason}")
+            self.copier.remote.set_tag(run_id, FAILURE_TAG, f"MnistflowError: {reason}")
             self.copier.remote.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
             # Nothing of this run is left to send.
             self.copier.spool.set_tag(self.copier.spool_run_id, DONE, "true")
-            self._requests.__exit__(None, None, None)
+            self.close()
             raise MnistflowError(reason) from e
 
     def register_as(self, name: str) -> None:
@@ -790,4 +1056,13 @@ class Session:
                 raise MnistflowError(self.forwarder.refused)
             return finish_with_deadline(self.copier, deadline_s)
         finally:
-            self._requests.__exit__(None, None, None)
+            self.close()
+
+    def close(self) -> None:
+        """Requests back to MLflow's settings, and the run's lock released (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._requests.__exit__(None, None, None)
+        if self.lock is not None:
+            self.lock.release()

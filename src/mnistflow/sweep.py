@@ -990,7 +990,10 @@ def run_sweep(config: SweepConfig, tracking: TrackingConfig | None = None) -> Sw
         client = registry.client_for(summary.tracking_uri)
         # A logged model's URI is models:/<model id>.
         model_id = model_uri.removeprefix("models:/")
-        version = registry.register(client, summary.best_run_id, config.register_as, model_id)
+        # Once per study's best: joining the study again finds the version made before.
+        version = registry.ensure_registered(
+            client, summary.best_run_id, config.register_as, model_id
+        )
         summary.registered_model = config.register_as
         summary.registered_version = str(version.version)
     return summary

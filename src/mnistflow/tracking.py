@@ -39,7 +39,7 @@ from mlflow.tracking import MlflowClient
 
 import mnistflow
 from mnistflow import spool
-from mnistflow.config import MnistflowError, TrackingConfig
+from mnistflow.config import FAILURE_TAG, MnistflowError, TrackingConfig
 from mnistflow.data import DATASET_DIGEST, MnistSplits
 from mnistflow.reporting import Reporter
 from mnistflow.uris import redact
@@ -306,10 +306,6 @@ def fail_project_run(reason: str) -> None:
         pass  # the store itself is what failed; the parent still marks the run FAILED
 
 
-# Why a run ended FAILED, in one sentence (the exception's message).
-FAILURE_TAG = "failure_reason"
-
-
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, Mapping):
         for key, inner in value.items():
@@ -399,6 +395,7 @@ class TrackedRun(Reporter):
             except BaseException:
                 # The store refused the run before training (see Session.attach).
                 mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+                self.spooled.close()
                 self._restore_uri()
                 raise
         return self
