@@ -30,7 +30,13 @@ import numpy as np
 
 from mnistflow import data, logged_models, reports
 from mnistflow.config import DataConfig, MnistflowError, TrackingConfig, as_dict
-from mnistflow.pipeline import TrainSummary, ask_registration, data_record, settle
+from mnistflow.pipeline import (
+    TrainSummary,
+    ask_registration,
+    data_record,
+    settle,
+    tracking_record,
+)
 from mnistflow.tracking import TrackedRun
 
 if TYPE_CHECKING:
@@ -175,7 +181,7 @@ def baseline_run(
     resolved = {
         "train": {"preset": PRESET, "trainer": "scikit-learn", **as_dict(baseline_config)},
         "data": data_record(data_config, splits),
-        "tracking": as_dict(tracking_config),
+        "tracking": tracking_record(tracking_config),
     }
     description = tracking_config.description or (
         "scikit-learn baseline (min-max scaling, PCA, logistic regression) under "

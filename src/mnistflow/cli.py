@@ -21,6 +21,7 @@ from typing import Annotated, Any, TypeVar, overload
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -33,6 +34,7 @@ from mnistflow.config import (
     preset_config,
 )
 from mnistflow.reporting import Reporter
+from mnistflow.uris import redact
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -101,11 +103,13 @@ def friendly_errors(command: F | None = None, *, interrupted: str = STOPPED) -> 
 
                 # A tracking server's 401/403/5xx behind it says more than the wrapping
                 # sentence; a request that got no answer at all is already said well by ours.
-                sentence = _refusal(e, answered_only=True) or str(e)
+                sentence = redact(_refusal(e, answered_only=True) or str(e))
                 # Under `mlflow run`, a failure before our run started still ends its run,
                 # with why.
                 fail_project_run(sentence)
-                err.print(f"[bold red]Error:[/] {sentence}", soft_wrap=True)
+                # Escaped: a sentence may hold brackets (pip install 'mnistflow[team]') that
+                # rich would take for markup.
+                err.print(f"[bold red]Error:[/] {escape(sentence)}", soft_wrap=True)
                 raise typer.Exit(1) from None
             except KeyboardInterrupt:
                 err.print(f"[yellow]Interrupted:[/] {interrupted}", soft_wrap=True)
@@ -114,7 +118,7 @@ def friendly_errors(command: F | None = None, *, interrupted: str = STOPPED) -> 
                 refusal = _refusal(e)
                 if refusal is None:
                     raise
-                err.print(f"[bold red]Error:[/] {refusal}", soft_wrap=True)
+                err.print(f"[bold red]Error:[/] {escape(redact(refusal))}", soft_wrap=True)
                 raise typer.Exit(1) from None
 
         return wrapper  # type: ignore[return-value]
@@ -190,7 +194,9 @@ def parse_tags(values: list[str] | None) -> dict[str, str]:
 
 
 def print_result(result: Mapping[str, Any], as_json: bool, title: str) -> None:
-    """A small table for people, or one JSON object as the last line of stdout."""
+    """A small table for people, or one JSON object as the last line of stdout; URIs in it
+    are shown without their passwords."""
+    result = _redacted(result)
     if as_json:
         out.print(json.dumps(result, default=str), soft_wrap=True)
         return
@@ -201,6 +207,17 @@ def print_result(result: Mapping[str, Any], as_json: bool, title: str) -> None:
     out.print(table)
 
 
+def _redacted(value: Any) -> Any:
+    """value (a result: mappings, lists, strings, numbers) with every string redacted."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, Mapping):
+        return {key: _redacted(inner) for key, inner in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(inner) for inner in value]
+    return value
+
+
 @app.callback()
 def main() -> None:
     """An MNIST classifier whose whole life runs on MLflow: train, track, register, serve."""
@@ -208,6 +225,9 @@ def main() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     # Lightning's INFO lines (devices found, tips, "max_epochs reached") likewise.
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    # MLflow prints "View run ... at: <tracking URI>" when a run on a server ends, with the
+    # login in it when the URI carries one; our commands say where the run is themselves.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def use_store_of(model_uri: str, tracking_uri: str | None) -> None:
@@ -406,7 +426,7 @@ def say_where(summary: Any, as_json: bool, also: str = "") -> None:
     if summary.spooled:
         from mnistflow import remote
 
-        reason = (
+        reason = redact(
             summary.spool_reason or f"The tracking server at {summary.tracking_uri} did not answer."
         )
         err.print(
@@ -492,10 +512,10 @@ def ui(
 
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
-        err.print(f"The tracking server serves its own UI: open {uri}")
+        err.print(f"The tracking server serves its own UI: open {redact(uri)}")
         return
     use_store(uri)  # an existing store: the UI would create an empty one
-    err.print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)")
+    err.print(f"MLflow UI for {redact(uri)} at http://{host}:{port} (Ctrl-C stops it)")
     args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
     args += ["--host", host, "--port", str(port)]
     database = sqlite_path(uri)
@@ -801,7 +821,7 @@ def doctor(
     checks = run_checks(resolve_tracking_uri(tracking_uri), experiment)
     for check in checks:
         mark = "[green]ok  [/]" if check.ok else "[bold red]FAIL[/]"
-        out.print(f"{mark} {check.name:<9} {check.text}", soft_wrap=True)
+        out.print(f"{mark} {check.name:<9} {redact(check.text)}", soft_wrap=True)
     if not all(check.ok for check in checks):
         raise typer.Exit(1)
 
@@ -846,7 +866,7 @@ def sync(
         for column in ("spool run", "name", "status", "target", "target run"):
             table.add_column(column)
         for row in waiting:
-            table.add_row(*(str(v or "-") for v in row.values()))
+            table.add_row(*(redact(str(v or "-")) for v in row.values()))
         out.print(table)
         return
     results = spool.sync(target=tracking_uri)
@@ -856,11 +876,8 @@ def sync(
     else:
         for r in results:
             state = "[green]sent[/]" if r.complete else f"[yellow]waiting[/] ({r.error})"
-            out.print(
-                f"{r.spool_run_id} -> {r.target} run {r.remote_run_id or '-'}: {state}"
-                + (f" {r.note}" if r.note else ""),
-                soft_wrap=True,
-            )
+            line = f"{r.spool_run_id} -> {r.target} run {r.remote_run_id or '-'}: {state}"
+            out.print(redact(line + (f" {r.note}" if r.note else "")), soft_wrap=True)
         if not results:
             out.print("Nothing waits in the spool.")
     if any(not r.complete for r in results):

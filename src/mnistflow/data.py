@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mnistflow.config import DataConfig, MnistflowError
+from mnistflow.uris import redact
 
 if TYPE_CHECKING:
     import torch
@@ -189,5 +190,6 @@ def load(config: DataConfig) -> MnistSplits:
         train=split("train", train_x, train_y, train_idx),
         val=split("validation", train_x, train_y, val_idx),
         test=split("test", test_x, test_y, test_idx),
-        source=source,
+        # Recorded with every run (params, dataset inputs): a mirror's login stays out.
+        source=redact(source),
     )

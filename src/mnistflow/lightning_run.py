@@ -35,6 +35,7 @@ from mnistflow.pipeline import (
     data_record,
     record_outcome,
     settle,
+    tracking_record,
 )
 from mnistflow.reporting import Reporter
 from mnistflow.tracking import TrackedRun, check_reachable, resolve_tracking_uri
@@ -116,7 +117,7 @@ def _rank_zero(
         "train": as_dict(train_config),
         "data": data_record(data_config, splits),
         "engine": {"name": "lightning", "devices": devices, "num_nodes": num_nodes},
-        "tracking": as_dict(tracking_config),
+        "tracking": tracking_record(tracking_config),
     }
     with TrackedRun(tracking_config) as run:
         ask_registration(run, register_as)

@@ -385,7 +385,9 @@ def fit(
             # The epoch metrics are logged already reduced (torchmetrics' compute), so
             # Lightning's advice to sync_dist them does not apply.
             warnings.filterwarnings("ignore", ".*when logging on epoch level in distributed")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+            # resume_from is downloaded from the tracking server: tensors and plain values
+            # only, never code (explicit, not whichever default the installed torch has).
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
             if before_test is not None:
                 before_test(trainer)
             (test_metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)

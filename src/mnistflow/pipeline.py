@@ -27,6 +27,7 @@ from mnistflow.config import (
 from mnistflow.reporting import Reporter, Tee
 from mnistflow.tracking import TrackedRun
 from mnistflow.train import Evaluation, evaluate, fit, resolve
+from mnistflow.uris import redact
 
 # Test digits the ONNX export is checked on (against PyTorch) and logged as input examples.
 CHECK_IMAGES = 256
@@ -161,8 +162,18 @@ def _resolved_config(
     return {
         "train": as_dict(train_config),
         "data": data_record(data_config, splits),
-        "tracking": as_dict(tracking_config),
+        "tracking": tracking_record(tracking_config),
     }
+
+
+def tracking_record(tracking_config: TrackingConfig) -> dict[str, Any]:
+    """The tracking part of a run's resolved config, whatever trains: config.json and the
+    checkpoint are readable by every account with READ, so the URI is kept without its
+    password."""
+    record = as_dict(tracking_config)
+    if record["tracking_uri"]:
+        record["tracking_uri"] = redact(record["tracking_uri"])
+    return record
 
 
 def data_record(data_config: DataConfig, splits: data.MnistSplits) -> dict[str, Any]:

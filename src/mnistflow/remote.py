@@ -18,6 +18,8 @@ import sqlite3
 
 from mlflow.exceptions import MlflowException, RestException
 
+from mnistflow.uris import redact
+
 # MLflow's text for a reply that is not its JSON error (the auth app's plain-text refusals).
 _REPLY = re.compile(r"endpoint (?P<endpoint>\S+) failed with error code (?P<status>\d{3})")
 
@@ -64,13 +66,17 @@ def status_of(error: BaseException) -> tuple[int, str] | None:
 
 def sentence(error: BaseException, tracking_uri: str) -> str | None:
     """One sentence for a 401, 403 or 5xx from the tracking server, for a request it broke
-    off, or for an embedded store that cannot be written; None for anything else."""
+    off, or for an embedded store that cannot be written; None for anything else.
+
+    URIs are shown without their passwords, in this sentence and the ones below."""
+    tracking_uri = redact(tracking_uri)
     found = status_of(error)
     if found is not None:
         return describe(found[0], found[1], tracking_uri)
     url = _broken_off(error)
     if url is None:
         return store_sentence(error, tracking_uri)
+    url = redact(url)
     if "/mlflow-artifacts/" in url:
         # The server answers an upload it cannot store with 500 before reading the body,
         # which the client sees as a reset connection.
@@ -101,6 +107,7 @@ def _broken_off(error: BaseException) -> str | None:
 
 def describe(status: int, endpoint: str, tracking_uri: str) -> str | None:
     """One sentence for the tracking server's HTTP status on endpoint; None if not a refusal."""
+    tracking_uri = redact(tracking_uri)
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
     if status == 401 and not user:
         return (
@@ -205,6 +212,7 @@ def store_sentence(error: BaseException, tracking_uri: str) -> str | None:
     why = unwritable(error)
     if why is None:
         return None
+    tracking_uri = redact(tracking_uri)
     if spool.is_spool(tracking_uri):
         return (
             f"The local spool {tracking_uri} cannot be written now: {why}; set "

@@ -41,6 +41,7 @@ from mnistflow.config import (
     preset_config,
 )
 from mnistflow.reporting import Reporter
+from mnistflow.uris import redact
 
 if TYPE_CHECKING:
     import optuna
@@ -371,15 +372,6 @@ def storage_url(storage: str | None) -> str:
     return url
 
 
-def shown_url(url: str) -> str:
-    """The storage URL without its password, for logs and messages."""
-    if "://" not in url:
-        return url
-    from sqlalchemy.engine import make_url
-
-    return str(make_url(url).render_as_string(hide_password=True))
-
-
 def open_storage(url: str, create_tables: bool = False) -> optuna.storages.BaseStorage:
     """Optuna's storage for url: a journal file for a path, the RDB storage for a URL.
 
@@ -399,9 +391,28 @@ def open_storage(url: str, create_tables: bool = False) -> optuna.storages.BaseS
         return optuna.storages.RDBStorage(url, skip_table_creation=not create_tables)
     except Exception as e:  # SQLAlchemy's connection and driver errors, all one sentence here
         raise MnistflowError(
-            f"Cannot open the study storage {shown_url(url)} ({type(e).__name__}); check the "
+            _driver_missing(e, url)
+            or f"Cannot open the study storage {redact(url)} ({type(e).__name__}); check the "
             "URL and that the database server is reachable."
         ) from e
+
+
+def _driver_missing(error: BaseException, url: str) -> str | None:
+    """One sentence when error (or its cause) is the database driver not being installed."""
+    current: BaseException | None = error
+    while current is not None:
+        if isinstance(current, ImportError):
+            if url.startswith("postgresql"):
+                return (
+                    "The PostgreSQL driver (psycopg) is not installed; install the team extra: "
+                    "pip install 'mnistflow[team]'."
+                )
+            return (
+                f"The database driver for {redact(url)} is not installed ({current}); install it "
+                "or keep the study in a journal file (--storage PATH)."
+            )
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @contextlib.contextmanager
@@ -419,7 +430,8 @@ def _setup_lock(url: str) -> Iterator[None]:
             connection = engine.connect()
         except Exception as e:
             raise MnistflowError(
-                f"Cannot reach the study storage {shown_url(url)} ({type(e).__name__}); check "
+                _driver_missing(e, url)
+                or f"Cannot reach the study storage {redact(url)} ({type(e).__name__}); check "
                 "the URL and that PostgreSQL is running."
             ) from e
         try:
@@ -607,7 +619,7 @@ def _objective(trial: optuna.Trial, job: WorkerJob, splits: MnistSplits) -> floa
         state, note = "killed", f"Trial {trial.number} of study {job.study}: stopped by Ctrl-C."
         raise
     except Exception as e:
-        note = f"Trial {trial.number} of study {job.study} failed: {type(e).__name__}: {e}"
+        note = redact(f"Trial {trial.number} of study {job.study} failed: {type(e).__name__}: {e}")
         raise
     finally:
         trial.set_user_attr("fit_seconds", fit_seconds)
@@ -766,7 +778,7 @@ def _prepare(
     parent.log_params(
         {
             "study": config.study,
-            "storage": shown_url(url),
+            "storage": redact(url),
             "objective": "val_accuracy after the last epoch (maximize)",
             "sampler": f"TPESampler(constant_liar=True, seed={config.sampler_seed})",
             "pruner": _describe_pruner(definition),
@@ -859,7 +871,9 @@ def _finish_best(
     with tempfile.TemporaryDirectory(prefix="mnistflow-best-") as tmp:
         out = Path(tmp)
         weights = download_artifact(run_id, "weights/model.pt", out)
-        checkpoint = torch.load(weights, map_location="cpu")
+        # Downloaded from the tracking server: tensors and plain values only, never code
+        # (explicit, not the default of whichever torch is installed).
+        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
         network = (
             models.FastNet(width=checkpoint["width"])
             if checkpoint["arch"] == "fast"
@@ -957,7 +971,7 @@ def run_sweep(config: SweepConfig, tracking: TrackingConfig | None = None) -> Sw
     counts = _trial_counts(study)
     summary = SweepSummary(
         study=config.study,
-        storage=shown_url(url),
+        storage=redact(url),
         parent_run_id=parent.run_id,
         experiment_id=experiment_id,
         tracking_uri=str(tracking.tracking_uri),

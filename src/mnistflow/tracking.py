@@ -42,6 +42,7 @@ from mnistflow import spool
 from mnistflow.config import FAILURE_TAG, MnistflowError, TrackingConfig
 from mnistflow.data import DATASET_DIGEST, MnistSplits
 from mnistflow.reporting import Reporter
+from mnistflow.uris import redact
 
 # The experiment tag MLflow's UI reads to pick its view, and its model-training value
 # (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
@@ -69,7 +70,7 @@ def check_reachable(uri: str) -> None:
         folder = path.parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise MnistflowError(
-                f"Cannot create the MLflow store {uri}: {folder} is not a writable folder."
+                f"Cannot create the MLflow store {redact(uri)}: {folder} is not a writable folder."
             )
 
 
@@ -112,7 +113,7 @@ def check_writable(uri: str) -> None:
         return
     if not path.parent.is_dir():
         raise MnistflowError(
-            f"Cannot create the MLflow store {uri}: {path.parent} is not a writable folder."
+            f"Cannot create the MLflow store {redact(uri)}: {path.parent} is not a writable folder."
         )
     from mnistflow import remote
 
@@ -127,7 +128,9 @@ def check_writable(uri: str) -> None:
         cause = OSError(e.errno, e.strerror)  # without the probe's own (random) file name
         reason = remote.store_sentence(cause, uri)
         if reason is None:
-            raise MnistflowError(f"Cannot write the MLflow store {uri}: {e.strerror}.") from e
+            raise MnistflowError(
+                f"Cannot write the MLflow store {redact(uri)}: {e.strerror}."
+            ) from e
         raise StoreUnwritable(reason) from cause
 
 
@@ -171,8 +174,9 @@ def _check_server(uri: str) -> None:
         except (requests.RequestException, MlflowException) as e:
             cause = e.__cause__ if isinstance(e, MlflowException) and e.__cause__ else e
             raise ServerUnavailable(
-                f"Cannot reach the MLflow tracking server at {uri} ({type(cause).__name__}); "
-                "start it or point --tracking-uri / MLFLOW_TRACKING_URI elsewhere."
+                f"Cannot reach the MLflow tracking server at {redact(uri)} "
+                f"({type(cause).__name__}); start it or point --tracking-uri / "
+                "MLFLOW_TRACKING_URI elsewhere."
             ) from e
         if endpoint == "/health":
             health = answers[endpoint]
@@ -180,7 +184,7 @@ def _check_server(uri: str) -> None:
                 # A 5xx is a server (or the one behind a proxy) that is down: an outage.
                 error = ServerUnavailable if health.status_code >= 500 else MnistflowError
                 raise error(
-                    f"{uri} is not a healthy MLflow tracking server (/health answered HTTP "
+                    f"{redact(uri)} is not a healthy MLflow tracking server (/health answered HTTP "
                     f"{health.status_code}); check the URI and whatever proxy is in front of it."
                 )
     answer = answers["/version"]
@@ -192,7 +196,7 @@ def _check_server(uri: str) -> None:
         raise ServerUnavailable(str(remote.describe(answer.status_code, "/version", uri)))
     if answer.status_code != 200 or not re.fullmatch(r"\d+\.\d+\S*", answer.text.strip()):
         raise MnistflowError(
-            f"{uri} answers, but not as an MLflow tracking server (/version answered HTTP "
+            f"{redact(uri)} answers, but not as an MLflow tracking server (/version answered HTTP "
             f"{answer.status_code}); check --tracking-uri / MLFLOW_TRACKING_URI."
         )
 
@@ -296,7 +300,7 @@ def fail_project_run(reason: str) -> None:
         return
     try:
         client = MlflowClient()
-        client.set_tag(run_id, FAILURE_TAG, reason[:5000])
+        client.set_tag(run_id, FAILURE_TAG, redact(reason)[:5000])
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
     except MlflowException:
         pass  # the store itself is what failed; the parent still marks the run FAILED
@@ -381,7 +385,7 @@ class TrackedRun(Reporter):
         except MlflowException as e:
             raise MnistflowError(
                 f"MLflow refused to start a run in experiment {self.config.experiment!r} at "
-                f"{self.tracking_uri}: {e.message}"
+                f"{redact(self.tracking_uri)}: {redact(e.message)}"
             ) from e
         self.experiment_id = run.info.experiment_id
         self.run_id = run.info.run_id
@@ -410,7 +414,8 @@ class TrackedRun(Reporter):
             status = RunStatus.FAILED
         try:
             if status == RunStatus.FAILED and exc is not None:
-                mlflow.set_tag(FAILURE_TAG, f"{type(exc).__name__}: {exc}"[:5000])
+                # An error may quote a URI with its login (MLflow's do): every reader sees this tag.
+                mlflow.set_tag(FAILURE_TAG, redact(f"{type(exc).__name__}: {exc}")[:5000])
         except MlflowException:
             pass  # the store is what failed: ending the run below is all that is left
         try:
@@ -557,8 +562,8 @@ class ParentRun:
             run = client.create_run(experiment_id, run_name=config.run_name, tags=tags)
         except MlflowException as e:
             raise MnistflowError(
-                f"MLflow refused to start a run in experiment {config.experiment!r} at {uri}: "
-                f"{e.message}"
+                f"MLflow refused to start a run in experiment {config.experiment!r} at "
+                f"{redact(uri)}: {redact(e.message)}"
             ) from e
         return cls(client, run.info.run_id)
 
@@ -571,7 +576,7 @@ class ParentRun:
             client.get_run(run_id)
         except MlflowException:
             raise MnistflowError(
-                f"Run {run_id} is not in the tracking store {uri}; point --tracking-uri at "
+                f"Run {run_id} is not in the tracking store {redact(uri)}; point --tracking-uri at "
                 "the store this study was started with."
             ) from None
         client.update_run(run_id, status="RUNNING")
