@@ -10,7 +10,7 @@ Parquet). Rounds alternate the order of the two commands; the labels of the two 
 row for row. Peak memory is the largest sum of the resident memory of the command's whole
 process tree (for Spark: the JVM and its Python workers), sampled every 0.1 s.
 
-Usage: python benchmarks/bench_spark.py [--rows 10000 100000 1000000] [--rounds 3 3 1]
+Usage: python benchmarks/bench_spark.py [--rows 10000 100000 1000000] [--rounds 3 2 1]
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def run_measured(args: list[str], uri: str, cwd: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--rounds", type=int, nargs="+", default=[3, 3, 1])
+    parser.add_argument("--rounds", type=int, nargs="+", default=[3, 2, 1])
     args = parser.parse_args()
     pixels = data.load(DataConfig()).test.images[:, 0].numpy()  # (10000, 28, 28) uint8
     results: dict[str, Any] = {"load_average_before": list(psutil.getloadavg())}
@@ -148,6 +148,7 @@ def main() -> None:
             local_rate = rows / statistics.median(s for s, _ in measured["one process"])
             table_rows.append(["", "Spark / one process", "", f"{spark_rate / local_rate:.0%}", ""])
             subprocess.run(["rm", "-rf", str(dataset), str(array)], check=True)
+            print(table(["rows", "command", "wall time (median)", "images/s", "peak"], table_rows))
     results["load_average_after"] = list(psutil.getloadavg())
     print(table(["rows", "command", "wall time (median)", "images/s", "peak memory"], table_rows))
     print(f"load average before/after: {results['load_average_before']} / "

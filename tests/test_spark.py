@@ -159,7 +159,7 @@ def test_spark_scores_good_rows_and_reports_each_bad_one(champion, test_split, t
     hot[5] = 300.0
     nan[7] = np.nan
     rows = [good[3], hot, good[4], nan, short, None, good[5]]
-    names = ["ok-0", "hot", "ok-1", "nan", "short", "missing", "ok-2"]
+    names = ["ok-0", "hot", "ok-1", "not-finite", "short", "missing", "ok-2"]
     dataset = tmp_path / "odd.parquet"
     pq.write_table(
         pa.table({"source": names, "digit": pa.array(rows, pa.list_(pa.float64()))}), dataset
@@ -170,14 +170,14 @@ def test_spark_scores_good_rows_and_reports_each_bad_one(champion, test_split, t
     assert (
         "3 digits classified" in result.stderr and "4 input(s) could not be read" in result.stderr
     )
-    frame = pd.read_csv(out).set_index("source")
+    frame = pd.read_csv(out, keep_default_na=False, na_values=[""]).set_index("source")
     assert frame.loc["hot", "error"] == "pixel values must lie in 0-255; got 0.0 to 300.0."
-    assert frame.loc["nan", "error"] == (
+    assert frame.loc["not-finite", "error"] == (
         "pixel values must be finite numbers (found NaN or infinity)."
     )
     assert "got shape (1, 783)" in frame.loc["short", "error"]
     assert frame.loc["missing", "error"].startswith("pixels must be")
-    for name in ("hot", "nan", "short", "missing"):
+    for name in ("hot", "not-finite", "short", "missing"):
         assert f"skipped {name}: {frame.loc[name, 'error']}" in result.stderr
         assert pd.isna(frame.loc[name, "label"])
     expected = local_probabilities("models:/mnist@champion", good[3:])

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd  # at run time: pandas_udf reads the functions' type hints
 
 from mnistflow import inference
 from mnistflow.config import MnistflowError
@@ -31,7 +32,6 @@ from mnistflow.pixels import PixelError, as_pixels
 from mnistflow.preprocess import ImageError, image_to_digit
 
 if TYPE_CHECKING:
-    import pandas as pd
     from pyspark.sql import Column, DataFrame, SparkSession
 
 DEFAULT_MASTER = "local[*]"
@@ -143,8 +143,6 @@ def decode_images(contents: Sequence[bytes | None]) -> tuple[np.ndarray, list[st
 
 
 def _prepared(pixels: np.ndarray, errors: list[str | None]) -> pd.DataFrame:
-    import pandas as pd
-
     return pd.DataFrame({"pixels": list(pixels), "error": errors})
 
 
@@ -194,7 +192,6 @@ def _kind(path: str) -> str:
 def _selected(
     df: DataFrame, source: Column, prepare: Any, value: Column, labels: Column
 ) -> DataFrame:
-
     prepared = prepare(value)
     return df.select(
         source.cast("string").alias("source"),
@@ -224,11 +221,12 @@ def _read_images(spark: SparkSession, path: str) -> DataFrame:
             raise MnistflowError(
                 f"Folder {path} holds no images ({', '.join(sorted(inference.IMAGE_SUFFIXES))})."
             )
-    if folder or (_has_scheme(path) and not _is_glob(path)):
+    # A folder holds other files too; a file or glob named by the user is read as given.
+    whole_folder = folder or (_has_scheme(path) and not _is_glob(path))
+    if whole_folder:
         reader = reader.option("recursiveFileLookup", "true")
     df = reader.load(path)
-    if folder or (_has_scheme(path) and not _is_glob(path)):
-        # A folder holds other files too; a file or glob named by the user is read as given.
+    if whole_folder:
         suffixes = "|".join(s.lstrip(".") for s in sorted(inference.IMAGE_SUFFIXES))
         df = df.filter(F.lower(F.col("path")).rlike(rf"\.({suffixes})$"))
     _, prepare_images = _udfs()
@@ -305,12 +303,12 @@ def _read_arrays(spark: SparkSession, paths: list[str]) -> DataFrame:
 
 def read_inputs(spark: SparkSession, paths: Sequence[str], column: str | None) -> DataFrame:
     """Every input as rows of (source, pixels, error, true_label), ready for the model."""
+    kinds = {path: _kind(path) for path in paths}
     frames = []
-    arrays = [p for p in paths if _kind(p) == "arrays"]
-    if arrays:
+    if arrays := [p for p in paths if kinds[p] == "arrays"]:
         frames.append(_read_arrays(spark, arrays))
     for path in paths:
-        kind = _kind(path)
+        kind = kinds[path]
         if kind == "parquet":
             frames.append(_read_parquet(spark, path, column))
         elif kind == "images":
