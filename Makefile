@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # Unset, they are downloaded from the public mirrors into ~/.cache/mnistflow.
 export MNISTFLOW_MNIST_MIRROR
 
-.PHONY: setup run test test-fast lint browser wrk bench clean stack team-tools tour
+.PHONY: setup run test test-fast lint browser java wrk bench clean stack team-tools tour
 
 # The venv is rebuilt when the requirements change. constraints.txt pins every package
 # (torch included: an unpinned torch would pull a multi-GB CUDA build).
@@ -24,7 +24,7 @@ run: setup
 	$(BIN)/mnistflow pipeline
 
 ## Every test, the full-MNIST one included (about 3 minutes on 2 cores, after set-up).
-test: setup browser team-tools
+test: setup browser team-tools java
 	$(BIN)/python -m pytest
 
 ## The fast ones only, for the edit-test loop: no full-MNIST runs, no server processes,
@@ -63,16 +63,24 @@ browser:
 
 ## Benchmarks (over an hour): the whole command, training, tracking, inference, serving, engines,
 ## baseline, team stack, outages, sweeps.
-bench: setup wrk team-tools
+bench: setup wrk team-tools java
 	$(BIN)/python benchmarks/bench_command.py --fp32
 	$(BIN)/python benchmarks/bench_training.py
 	$(BIN)/python benchmarks/bench_inference.py
+	$(BIN)/python benchmarks/bench_spark.py
 	$(BIN)/python benchmarks/bench_serving.py
 	$(BIN)/python benchmarks/bench_engines.py
 	$(BIN)/python benchmarks/bench_baseline.py
 	$(BIN)/python benchmarks/bench_stack.py
 	$(BIN)/python benchmarks/bench_outage.py
 	$(BIN)/python benchmarks/bench_sweep.py
+
+# Spark (`predict --engine spark`, its tests and benchmark) runs on a Java runtime, from Debian.
+java:
+	@command -v java >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq openjdk-17-jre-headless >/dev/null || \
+	    { apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless >/dev/null; }; \
+	  else echo "The Spark tests need a Java runtime: sudo apt-get install openjdk-17-jre-headless"; exit 1; fi; }
 
 # The serving benchmark loads the servers with wrk, from Debian.
 wrk:

@@ -53,6 +53,18 @@ class Engine(StrEnum):
     lightning = "lightning"
 
 
+class PredictEngine(StrEnum):
+    local = "local"
+    spark = "spark"
+
+
+class EnvManager(StrEnum):
+    local = "local"
+    virtualenv = "virtualenv"
+    uv = "uv"
+    conda = "conda"
+
+
 class DeviceChoice(StrEnum):
     auto = "auto"
     cpu = "cpu"
@@ -678,9 +690,10 @@ def promote(
 @friendly_errors(interrupted="prediction stopped; no model or tracking store was changed.")
 def predict(
     inputs: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
-            help="PNG/JPEG files, folders of them, .npy arrays (N, 28, 28) or MNIST IDX files.",
+            help="PNG/JPEG files, folders of them, .npy arrays (N, 28, 28) or MNIST IDX files; "
+            "with --engine spark also Parquet datasets, globs and any file system Spark reads.",
             show_default=False,
         ),
     ],
@@ -688,13 +701,44 @@ def predict(
         str, typer.Option(help="Model to use.")
     ] = f"models:/{MODEL_NAME}@champion",
     output: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="Write results here (.csv or .json) (default: CSV on stdout).", show_default=False
+            help="Write results here: .csv or .json; with --engine spark also .parquet (a "
+            "folder Spark writes) (default: CSV on stdout).",
+            show_default=False,
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Digits per model call.")] = 1024,
     tracking_uri: TrackingUri = None,
+    engine: Annotated[
+        PredictEngine,
+        typer.Option(
+            help="local: in this process; spark: a Spark job through mlflow.pyfunc.spark_udf "
+            "(needs the spark extra and Java)."
+        ),
+    ] = PredictEngine.local,
+    master: Annotated[
+        str | None,
+        typer.Option(
+            help="Spark master URL (default: the one spark-submit gives, else local[*]).",
+            show_default=False,
+        ),
+    ] = None,
+    column: Annotated[
+        str | None,
+        typer.Option(
+            help="Parquet column holding image bytes or pixels (default: the only binary or "
+            "array column, else 784 pixel columns).",
+            show_default=False,
+        ),
+    ] = None,
+    env_manager: Annotated[
+        EnvManager,
+        typer.Option(
+            help="How Spark executors get the model's requirements: local (already installed) "
+            "or built by virtualenv, uv or conda."
+        ),
+    ] = EnvManager.local,
 ) -> None:
     """Classify digits with a logged model (the champion by default).
 
@@ -703,11 +747,19 @@ def predict(
     """
     from mnistflow import inference
 
-    inference.check_output(output)  # before any work: a bad path must not cost a whole run
+    if engine is PredictEngine.spark:
+        _predict_on_spark(
+            inputs, model_uri, output, batch_size, tracking_uri, master, column, env_manager
+        )
+        return
+    if master is not None or column is not None or env_manager is not EnvManager.local:
+        raise MnistflowError("--master, --column and --env-manager apply to --engine spark only.")
+    target = None if output is None else Path(output)
+    inference.check_output(target)  # before any work: a bad path must not cost a whole run
     use_store_of(model_uri, tracking_uri)
-    digits = inference.collect(inputs)
+    digits = inference.collect(Path(p) for p in inputs)
     for source, reason in digits.failures:
-        err.print(f"[yellow]skipped[/] {source}: {reason}", soft_wrap=True)
+        err.print(f"[yellow]skipped[/] {escape(source)}: {escape(reason)}", soft_wrap=True)
     if not len(digits):
         raise MnistflowError("None of the inputs could be read as a digit.")
     classifier, _ = inference.load_classifier(model_uri)
@@ -723,7 +775,7 @@ def predict(
         labels, probabilities = inference.classify(
             classifier, digits.all_pixels(), batch_size, lambda n: bar.advance(task, n)
         )
-    inference.write(inference.rows(digits, labels, probabilities), output)
+    inference.write(inference.rows(digits, labels, probabilities), target)
     known = digits.all_labels()
     summary = f"{len(digits)} digits classified with {model_uri}"
     if known is not None:
@@ -731,6 +783,48 @@ def predict(
     err.print(summary + (f"; written to {output}" if output else "") + ".")
     if digits.failures:
         err.print(f"[yellow]{len(digits.failures)} input(s) could not be read.[/]")
+        raise typer.Exit(3)
+
+
+def _predict_on_spark(
+    inputs: list[str],
+    model_uri: str,
+    output: str | None,
+    batch_size: int,
+    tracking_uri: str | None,
+    master: str | None,
+    column: str | None,
+    env_manager: EnvManager,
+) -> None:
+    """predict --engine spark: the same report and exit codes as the local path."""
+    from mnistflow import spark_inference
+
+    if (missing := spark_inference.missing_requirements()) is not None:
+        raise MnistflowError(missing)
+    spark_inference.check_output(output)
+    use_store_of(model_uri, tracking_uri)
+    # Spark draws its own progress bar on stderr.
+    result = spark_inference.predict(
+        inputs, model_uri, output, master, column, env_manager.value, batch_size
+    )
+    for source, reason in result.failures:
+        err.print(f"[yellow]skipped[/] {escape(source)}: {escape(reason)}", soft_wrap=True)
+    if result.failed > len(result.failures):
+        err.print(
+            f"[yellow]… and {result.failed - len(result.failures)} more[/] (see the error column)."
+        )
+    version = f" (version {result.model.version})" if result.model.version else ""
+    summary = (
+        f"{result.total - result.failed} digits classified with {result.model.uri}{version} "
+        f"from {result.model.asked} on Spark {result.master}"
+    )
+    if result.accuracy is not None:
+        summary += f"; accuracy {result.accuracy:.2%} against the known labels"
+    err.print(summary + (f"; written to {output}" if output else "") + ".", soft_wrap=True)
+    if result.failed == result.total:
+        raise MnistflowError("None of the inputs could be read as a digit.")
+    if result.failed:
+        err.print(f"[yellow]{result.failed} input(s) could not be read.[/]")
         raise typer.Exit(3)
 
 

@@ -57,7 +57,7 @@ class Digits:
         return np.concatenate([lab for lab in self.labels if lab is not None])
 
 
-def _is_idx(path: Path) -> bool:
+def is_idx(path: Path) -> bool:
     return re.search(r"idx\d-ubyte", path.name) is not None
 
 
@@ -100,7 +100,7 @@ def collect(paths: Iterable[Path]) -> Digits:
                 raise MnistflowError(f"{path} is not a readable .npy array ({e}).") from e
             array = _as_digit_array(array, str(path))
             digits.add([f"{path}[{i}]" for i in range(len(array))], array)
-        elif _is_idx(path):
+        elif is_idx(path):
             array = _as_digit_array(read_idx(path), str(path))
             labels = _idx_labels(path)
             if labels is not None and len(labels) != len(array):

@@ -195,6 +195,21 @@ def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
         return None
 
 
+def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
+    """(name, version, alias) of models:/<name>/<version> or models:/<name>@<alias>, else None.
+
+    Written here because MLflow's own parser (mlflow.store.artifact.utils.models) is private.
+    """
+    if not uri.startswith("models:/"):
+        return None
+    ref = uri.removeprefix("models:/").strip("/")
+    if "@" in ref:
+        name, _, alias = ref.partition("@")
+        return (name, None, alias) if name and alias and "/" not in alias else None
+    name, _, version = ref.partition("/")
+    return (name, version, None) if name and version.isdigit() else None
+
+
 def describe_models(client: MlflowClient) -> str:
     """What exists, for error messages: 'mnist (versions 1-3; @champion=2)'."""
     parts = []

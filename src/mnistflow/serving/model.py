@@ -21,7 +21,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from mnistflow.config import MnistflowError
-from mnistflow.registry import describe_models
+from mnistflow.registry import describe_models, parse_registry_uri
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +66,6 @@ class Target:
     version: str | None
     run_id: str | None
     source: str
-
-
-def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None] | None:
-    """(name, version, alias) of models:/<name>/<version> or models:/<name>@<alias>, else None.
-
-    Written here because MLflow's own parser (mlflow.store.artifact.utils.models) is private.
-    """
-    if not uri.startswith("models:/"):
-        return None
-    ref = uri.removeprefix("models:/").strip("/")
-    if "@" in ref:
-        name, _, alias = ref.partition("@")
-        return (name, None, alias) if name and alias and "/" not in alias else None
-    name, _, version = ref.partition("/")
-    return (name, version, None) if name and version.isdigit() else None
 
 
 def load_pyfunc(source: str) -> Classifier:
