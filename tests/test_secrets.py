@@ -267,11 +267,6 @@ def test_the_study_holds_no_secret(commands):
 
 
 @on_the_stack
-@pytest.mark.xfail(
-    reason="pending issue 17's spool.py: the spool run's mnistflow.sync.target tag still holds "
-    "the tracking URI with its password",
-    strict=True,
-)
 def test_the_local_spool_holds_no_secret(commands):
     spool_files = list(all_files(commands["folder"] / "spool"))
     assert spool_files

@@ -264,3 +264,18 @@ def runs_in(uri: str) -> list[str]:
     client = MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     return [r.info.run_id for r in client.search_runs(experiments)]
+
+
+def test_the_spool_records_no_login_and_sync_logs_in_again():
+    recorded = spool.recorded_target("http://carol:pw-1@127.0.0.1:5000")
+    assert recorded == "http://carol:***@127.0.0.1:5000"
+    # The login given to `sync --tracking-uri` for that store is used; else MLflow's own
+    # credentials (MLFLOW_TRACKING_USERNAME/PASSWORD) on the URI without the hidden login.
+    assert spool.connect_uri(recorded, "http://carol:pw-1@127.0.0.1:5000") == (
+        "http://carol:pw-1@127.0.0.1:5000"
+    )
+    assert spool.connect_uri(recorded) == "http://127.0.0.1:5000"
+    assert spool.connect_uri(recorded, "http://dave:pw-2@127.0.0.1:6000") == (
+        "http://127.0.0.1:5000"
+    )
+    assert spool.connect_uri("sqlite:////data/mlflow.db") == "sqlite:////data/mlflow.db"

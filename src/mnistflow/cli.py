@@ -951,7 +951,7 @@ def sync(
                 "server_run_id": r.data.tags.get(spool.REMOTE_RUN),
             }
             for r in spool.pending()
-            if not tracking_uri or r.data.tags[spool.TARGET] == spool.target_uri(tracking_uri)
+            if not tracking_uri or r.data.tags[spool.TARGET] == spool.recorded_target(tracking_uri)
         ]
         if as_json:
             print_result({"pending": waiting}, True, "")

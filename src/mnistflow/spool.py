@@ -44,6 +44,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -72,6 +73,7 @@ from mlflow.tracking import MlflowClient
 
 from mnistflow import remote
 from mnistflow.config import FAILURE_TAG, MnistflowError
+from mnistflow.uris import redact
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +164,22 @@ def target_uri(uri: str) -> str:
     return f"sqlite:///{path}" if path is not None else uri
 
 
+def recorded_target(uri: str) -> str:
+    """uri as the spool records it (its TARGET tag): target_uri's, without a password or a
+    token (see uris.redact): the spool keeps no secret. `mnistflow sync` logs in again with
+    MLFLOW_TRACKING_USERNAME/PASSWORD, or with the whole URI given to --tracking-uri."""
+    return redact(target_uri(uri))
+
+
+def connect_uri(recorded: str, given: str | None = None) -> str:
+    """The URI sync connects to for a run recorded for `recorded`: the one given (its login
+    included) when it is that store, else the recorded one without its hidden login, so that
+    MLflow's own credentials (MLFLOW_TRACKING_USERNAME/PASSWORD) apply."""
+    if given and recorded_target(given) == recorded:
+        return target_uri(given)
+    return re.sub(r"//[^/@\s]*:\*\*\*@", "//", recorded)
+
+
 def open_target(target: str) -> MlflowClient:
     """A client of target. An embedded store is checked first (StoreUnwritable when it cannot
     be written) and made whole when it does not exist: MlflowClient would create it on the
@@ -180,8 +198,9 @@ def outage_reason(error: BaseException, target: str) -> str:
     """One sentence for an outage of target (see remote.is_outage)."""
     if is_embedded(target):
         return remote.store_sentence(error, target) or f"The MLflow store {target} failed: {error}"
-    return remote.sentence(error, target) or (
-        f"The tracking server at {target} did not answer ({type(error).__name__})."
+    return redact(
+        remote.sentence(error, target)
+        or f"The tracking server at {target} did not answer ({type(error).__name__})."
     )
 
 
@@ -302,6 +321,11 @@ class RunCopier:
     _remote: MlflowClient | None = None
 
     @property
+    def shown(self) -> str:
+        """The target as sentences and logs name it: without its login."""
+        return redact(self.target)
+
+    @property
     def remote(self) -> MlflowClient:
         """The target's client, opened on first use (see open_target)."""
         if self._remote is None:
@@ -331,7 +355,7 @@ class RunCopier:
                 # answer was lost earlier may have landed meanwhile (see _find_remote_run).
                 recorded = self._find_remote_run()
                 if recorded is None:
-                    raise CopyIncomplete(f"The run created on {self.target} is not found there.")
+                    raise CopyIncomplete(f"The run created on {self.shown} is not found there.")
             self.spool.set_tag(self.spool_run_id, REMOTE_RUN, recorded)
         self.remote_run_id = recorded
         return recorded
@@ -456,13 +480,13 @@ class RunCopier:
                 log.warning(
                     "run %s on %s holds %d metric points the spool does not (%s): a store "
                     "that does not deduplicate metrics took a request twice",
-                    remote_id, self.target, len(extra), ", ".join(extra[:5]),
+                    remote_id, self.shown, len(extra), ", ".join(extra[:5]),
                 )  # fmt: skip
             if not missing:
                 return
             if attempt == 1:
                 raise CopyIncomplete(
-                    f"{len(missing)} metric points of run {remote_id} did not reach {self.target}."
+                    f"{len(missing)} metric points of run {remote_id} did not reach {self.shown}."
                 )
             self._log_metrics(remote_id, [_unlinked(m) for m in missing])
 
@@ -536,7 +560,7 @@ class RunCopier:
             [m for m in found if m.tags.get(SPOOL_MODEL) == spool_model.model_id]
         )
         if made is None:
-            raise CopyIncomplete(f"The model created on {self.target} is not found there.")
+            raise CopyIncomplete(f"The model created on {self.shown} is not found there.")
         return made
 
     def _complete_model(self, spool_model: Any, remote_model: str, remote_run_id: str) -> None:
@@ -609,7 +633,7 @@ class RunCopier:
                     return
                 self.sent_artifacts -= wrong
             raise CopyIncomplete(
-                f"{len(wrong)} artifact files of run {remote_id} did not reach {self.target}."
+                f"{len(wrong)} artifact files of run {remote_id} did not reach {self.shown}."
             )
         finally:
             shutil.rmtree(root, ignore_errors=True)
@@ -747,7 +771,10 @@ class Forwarder(threading.Thread):
             self.refused = auth_problem(e, target)
             outage = remote.is_outage(e)
             if self.refused is None and not outage:
-                log.warning("copying run %s to %s failed: %s", self.copier.spool_run_id, target, e)
+                log.warning(
+                    "copying run %s to %s failed: %s",
+                    self.copier.spool_run_id, redact(target), redact(str(e)),
+                )  # fmt: skip
             if self.outage_since is None:
                 self.outage_since = time.monotonic()
                 if not is_embedded(target):
@@ -793,7 +820,7 @@ def finish_with_deadline(copier: RunCopier, deadline_s: float) -> SyncResult:
     if remote.is_outage(last):
         reason = outage_reason(last, target)
     _mark_failed(copier, reason)
-    return SyncResult(copier.spool_run_id, target, copier.remote_run_id, error=reason)
+    return SyncResult(copier.spool_run_id, redact(target), copier.remote_run_id, error=reason)
 
 
 def _mark_failed(copier: RunCopier, reason: str) -> None:
@@ -813,7 +840,9 @@ def _mark_failed(copier: RunCopier, reason: str) -> None:
             if remote.is_outage(e) and is_embedded(copier.target):
                 return  # a full or read-only store: the sentence above said it already
             if attempt == 2:
-                log.warning("could not mark run %s FAILED: %s", copier.remote_run_id, e)
+                log.warning(
+                    "could not mark run %s FAILED: %s", copier.remote_run_id, redact(str(e))
+                )
 
 
 def pending(folder: Path | None = None) -> list[Any]:
@@ -852,20 +881,20 @@ def run_lock(spool_run_id: str, folder: Path | None = None) -> FileLock:
 
 def sync(folder: Path | None = None, target: str | None = None) -> list[SyncResult]:
     """Send every pending spool run (for target, when given) to its target store. Each run's
-    outcome is its own: one that cannot be sent is reported and the others go on."""
+    outcome is its own: one that cannot be sent is reported and the others go on. target may
+    carry the login the spool does not keep (see recorded_target)."""
     with short_requests(timeout=60):
         quiet_store_errors()
         spool = MlflowClient(spool_uri(folder))
-        wanted = target_uri(target) if target else None
+        wanted = recorded_target(target) if target else None
         results = []
         for run in pending(folder):
-            uri = run.data.tags[TARGET]
-            if not wanted or uri == wanted:
-                results.append(_sync_one(spool, run, folder))
+            if not wanted or run.data.tags[TARGET] == wanted:
+                results.append(_sync_one(spool, run, folder, target))
         return results
 
 
-def _sync_one(spool: MlflowClient, run: Any, folder: Path | None) -> SyncResult:
+def _sync_one(spool: MlflowClient, run: Any, folder: Path | None, given: str | None) -> SyncResult:
     run_id, uri = run.info.run_id, run.data.tags[TARGET]
     waiting = SyncResult(run_id, uri, run.data.tags.get(REMOTE_RUN))
     lock = run_lock(run_id, folder)
@@ -892,7 +921,7 @@ def _sync_one(spool: MlflowClient, run: Any, folder: Path | None) -> SyncResult:
         if gone := _gone(uri):
             waiting.error = gone
             return waiting
-        copier = RunCopier(spool, uri, run_id)
+        copier = RunCopier(spool, connect_uri(uri, given), run_id)
         try:
             result = copier.finish()
         except Exception as e:
@@ -909,7 +938,11 @@ def _sync_one(spool: MlflowClient, run: Any, folder: Path | None) -> SyncResult:
 def why_not_sent(error: BaseException, target: str, remote_run_id: str | None) -> str:
     """One sentence for a copy that failed: an outage, a refused login, or a refusal of the
     run itself (deleted or archived in the UI, its experiment gone, a bad request)."""
-    log.debug("copying to %s failed", target, exc_info=error)
+    return redact(_why_not_sent(error, target, remote_run_id))
+
+
+def _why_not_sent(error: BaseException, target: str, remote_run_id: str | None) -> str:
+    log.debug("copying to %s failed", redact(target), exc_info=error)
     if problem := auth_problem(error, target):
         return problem
     if remote.is_outage(error):
@@ -1003,7 +1036,7 @@ class Session:
         self.lock = run_lock(spool_run_id)
         self.lock.acquire(timeout=0)
         spool = MlflowClient(self.uri)
-        spool.set_tag(spool_run_id, TARGET, self.target)
+        spool.set_tag(spool_run_id, TARGET, recorded_target(self.target))
         if remote_run_id:
             spool.set_tag(spool_run_id, REMOTE_RUN, remote_run_id)
         self.copier = RunCopier(spool, self.target, spool_run_id)
