@@ -73,6 +73,7 @@ bench: setup wrk team-tools java
 	$(BIN)/python benchmarks/bench_baseline.py
 	$(BIN)/python benchmarks/bench_stack.py
 	$(BIN)/python benchmarks/bench_outage.py
+	$(BIN)/python benchmarks/soak_spool.py
 	$(BIN)/python benchmarks/bench_sweep.py
 
 # Spark (`predict --engine spark`, its tests and benchmark) runs on a Java runtime, from Debian.
