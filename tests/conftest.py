@@ -159,6 +159,23 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     yield uri, {"good": good, "poor": poor, "folder": folder}
 
 
+@pytest.fixture(scope="session")
+def test_split() -> Any:
+    """The 10,000 MNIST test digits, loaded once."""
+    from mnistflow import data
+    from mnistflow.config import DataConfig
+
+    return data.load(DataConfig(mirror=str(MIRROR))).test
+
+
+@pytest.fixture
+def champion(registered: tuple[str, dict[str, Any]]) -> str:
+    """The registered store (mnist@champion is version 1), as MLflow's tracking URI."""
+    uri, _ = registered
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 # The installed entry point, as a user runs it.
 MNISTFLOW = [sys.executable, "-m", "mnistflow"]
 

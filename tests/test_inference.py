@@ -20,18 +20,6 @@ from mnistflow.export import onnx_probabilities
 from mnistflow.train import evaluate, fit
 
 
-@pytest.fixture(scope="module")
-def test_split() -> data.Split:
-    return data.load(DataConfig(mirror=str(MIRROR))).test
-
-
-@pytest.fixture
-def champion(registered) -> str:
-    uri, _ = registered
-    mlflow.set_tracking_uri(uri)
-    return uri
-
-
 def as_user_photo(digit: np.ndarray, size: int = 200, colour: bool = True) -> bytes:
     """An MNIST digit as a user might send it: large, dark ink on a light tinted page."""
     ink = Image.fromarray(255 - digit.astype(np.uint8)).resize(

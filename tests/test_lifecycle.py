@@ -20,15 +20,9 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from conftest import MIRROR, MNISTFLOW, run_cli, tool_env
+from conftest import MNISTFLOW, run_cli, tool_env
 from mnistflow import data, promotion, registry
-from mnistflow.config import DataConfig
 from mnistflow.servers import free_port, wait_until_up
-
-
-@pytest.fixture(scope="module")
-def test_split() -> data.Split:
-    return data.load(DataConfig(mirror=str(MIRROR))).test
 
 
 @pytest.fixture

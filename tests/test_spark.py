@@ -22,8 +22,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import MIRROR, run_cli
-from mnistflow import data, inference, spark_inference
-from mnistflow.config import DataConfig
+from mnistflow import inference, spark_inference
 
 IDX = MIRROR / "t10k-images-idx3-ubyte.gz"
 SPARK = ["--engine", "spark", "--master", "local[2]"]
@@ -36,18 +35,6 @@ def spark() -> Iterator[Any]:
     session, _ = spark_inference.session("local[2]")
     yield session
     session.stop()
-
-
-@pytest.fixture(scope="module")
-def test_split() -> data.Split:
-    return data.load(DataConfig(mirror=str(MIRROR))).test
-
-
-@pytest.fixture
-def champion(registered) -> str:
-    uri, _ = registered
-    mlflow.set_tracking_uri(uri)
-    return uri
 
 
 def local_probabilities(model_uri: str, pixels: np.ndarray) -> np.ndarray:
