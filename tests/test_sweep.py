@@ -346,4 +346,4 @@ def test_joining_again_registers_the_same_best_once(swept, tmp_path, monkeypatch
     assert result.json()["best_run_id"] == swept["best_run_id"]
     assert result.json()["registered_version"] == "1"
     versions = MlflowClient(uri).search_model_versions("name='swept'")
-    assert [v.version for v in versions] == ["1"]
+    assert [str(v.version) for v in versions] == ["1"]
