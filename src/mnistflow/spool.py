@@ -410,22 +410,18 @@ class RunCopier:
                 remote_id, datasets=[DatasetInput(i.dataset, i.tags) for i in inputs]
             )
             self.sent_fields["inputs"] = len(inputs)
-        self._push_metrics(run.data.metrics, self._model_points())
+        self._push_metrics(run.data.metrics, self._model_points(run))
 
-    def _model_points(self) -> dict[str, Counter[Point]]:
-        """Per key, the points logged with a link to one of the run's models: _link_metrics
+    def _model_points(self, run: Any) -> dict[str, Counter[Point]]:
+        """Per key, the points run logged with a link to one of its models: _link_metrics
         sends them (with the link, which also puts them in the run's history)."""
         points: dict[str, Counter[Point]] = {}
-        for model in self._spool_models():
+        for output in run.outputs.model_outputs if run.outputs else []:
+            model = self.spool.get_logged_model(output.model_id)
             if model.status == LoggedModelStatus.READY:
                 for m in model.metrics or []:
                     points.setdefault(m.key, Counter())[_point(m)] += 1
         return points
-
-    def _spool_models(self) -> list[Any]:
-        run = self.spool.get_run(self.spool_run_id)
-        outputs = run.outputs.model_outputs if run.outputs else []
-        return [self.spool.get_logged_model(o.model_id) for o in outputs]
 
     def _target_points(self, remote_id: str, keys: Any) -> dict[str, Counter[Point]]:
         return {
