@@ -13,6 +13,7 @@ Prints the README's table and writes benchmarks/results/outage.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,21 @@ class Server:
         client = MlflowClient(self.uri)
         experiment = client.get_experiment_by_name("mnist")
         return len(client.search_runs([experiment.experiment_id])) if experiment else 0
+
+
+@contextlib.contextmanager
+def spooling_server() -> Iterator[tuple[Server, dict[str, str]]]:
+    """A started `mlflow server` in a temporary folder, and the environment whose spool is
+    in that folder too; the server is stopped and the folder removed afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**tool_env(), "MNISTFLOW_SPOOL_DIR": f"{tmp}/spool"}
+        server = Server(Path(tmp) / "server")
+        server.folder.mkdir()
+        server.start()
+        try:
+            yield server, env
+        finally:
+            server.stop()
 
 
 def train(
@@ -151,28 +168,21 @@ def main() -> None:
     modes = ["up", "outage", "down"]
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     reference: dict[str, Any] | None = None
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**tool_env(), "MNISTFLOW_SPOOL_DIR": f"{tmp}/spool"}
-        server = Server(Path(tmp) / "server")
-        server.folder.mkdir()
-        server.start()
-        try:
-            for i in range(args.rounds):
-                for mode in modes[i % 3 :] + modes[: i % 3]:  # each mode takes each position
-                    r = one_round(server, mode, args.outage, extra, env)
-                    r["arrived"] = arrived(server, r["run_id"], env, reference)
-                    if reference is None:
-                        reference = histories(MlflowClient(server.uri), r["run_id"], exact=False)
-                    results[mode].append(r)
-                    print(
-                        f"round {i} {mode:7s} train {r['train_seconds']:.2f} s, whole "
-                        f"{r['wall_seconds']:.1f} s, spooled {r['spooled']}"
-                        + (f", sync {r['sync_seconds']:.1f} s" if "sync_seconds" in r else "")
-                        + f", arrived exactly: {r['arrived']}",
-                        flush=True,
-                    )
-        finally:
-            server.stop()
+    with spooling_server() as (server, env):
+        for i in range(args.rounds):
+            for mode in modes[i % 3 :] + modes[: i % 3]:  # each mode takes each position
+                r = one_round(server, mode, args.outage, extra, env)
+                r["arrived"] = arrived(server, r["run_id"], env, reference)
+                if reference is None:
+                    reference = histories(MlflowClient(server.uri), r["run_id"], exact=False)
+                results[mode].append(r)
+                print(
+                    f"round {i} {mode:7s} train {r['train_seconds']:.2f} s, whole "
+                    f"{r['wall_seconds']:.1f} s, spooled {r['spooled']}"
+                    + (f", sync {r['sync_seconds']:.1f} s" if "sync_seconds" in r else "")
+                    + f", arrived exactly: {r['arrived']}",
+                    flush=True,
+                )
 
     def cell(values: list[float], unit: str = "s") -> str:
         return f"{statistics.median(values):.2f} {unit} ({min(values):.2f}-{max(values):.2f})"

@@ -22,15 +22,14 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from bench_outage import Server, histories
-from common import RESULTS, tool_env
+from bench_outage import Server, histories, spooling_server
+from common import RESULTS
 from mnistflow import spool
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -158,31 +157,24 @@ def main() -> None:
         "--limit-train", str(args.limit_train), "--epochs", "3", "--seed", "3", "--register",
     ]  # fmt: skip
     outcomes = []
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**tool_env(), "MNISTFLOW_SPOOL_DIR": f"{tmp}/spool"}
-        server = Server(Path(tmp) / "server")
-        server.folder.mkdir()
-        server.start()
-        try:
-            reference_id, _ = one(server, "none", 0, 0, train_args, env)
-            reference = histories(MlflowClient(server.uri), reference_id, exact=False)
-            for i in range(args.schedules):
-                fault = FAULTS[i % len(FAULTS)] if i < len(FAULTS) else rng.choice(FAULTS)
-                at_s = rng.uniform(0, 8)
-                length_s = rng.uniform(2, 3 * spool.REQUEST_TIMEOUT_S)
-                run_id, ended = one(server, fault, at_s, length_s, train_args, env)
-                problems = check(server, run_id, reference, env, killed=fault == "kill-train")
-                outcomes.append(
-                    {"fault": fault, "at_s": round(at_s, 1), "length_s": round(length_s, 1),
-                     "matched": not problems, "problems": problems, "train": ended}
-                )  # fmt: skip
-                print(
-                    f"{i:3d} {fault:10s} at {at_s:5.1f} s for {length_s:5.1f} s: "
-                    + ("matched" if not problems else "; ".join(problems)),
-                    flush=True,
-                )
-        finally:
-            server.stop()
+    with spooling_server() as (server, env):
+        reference_id, _ = one(server, "none", 0, 0, train_args, env)
+        reference = histories(MlflowClient(server.uri), reference_id, exact=False)
+        for i in range(args.schedules):
+            fault = FAULTS[i % len(FAULTS)] if i < len(FAULTS) else rng.choice(FAULTS)
+            at_s = rng.uniform(0, 8)
+            length_s = rng.uniform(2, 3 * spool.REQUEST_TIMEOUT_S)
+            run_id, ended = one(server, fault, at_s, length_s, train_args, env)
+            problems = check(server, run_id, reference, env, killed=fault == "kill-train")
+            outcomes.append(
+                {"fault": fault, "at_s": round(at_s, 1), "length_s": round(length_s, 1),
+                 "matched": not problems, "problems": problems, "train": ended}
+            )  # fmt: skip
+            print(
+                f"{i:3d} {fault:10s} at {at_s:5.1f} s for {length_s:5.1f} s: "
+                + ("matched" if not problems else "; ".join(problems)),
+                flush=True,
+            )
     matched = sum(o["matched"] for o in outcomes)
     print(f"\n{len(outcomes)} fault schedules (seed {args.seed}), {matched} matched exactly.")
     RESULTS.mkdir(parents=True, exist_ok=True)
