@@ -890,11 +890,21 @@ def sync(folder: Path | None = None, target: str | None = None) -> list[SyncResu
         return results
 
 
+def _starting(run: Any) -> bool:
+    """A RUNNING run younger than STARTING_S, whose writer may not have taken its lock yet."""
+    running = run.info.status == RunStatus.to_string(RunStatus.RUNNING)
+    return running and time.time() - run.info.start_time / 1000 < STARTING_S
+
+
 def _sync_one(spool: MlflowClient, run: Any, folder: Path | None, given: str | None) -> SyncResult:
     run_id, uri = run.info.run_id, run.data.tags[TARGET]
     waiting = SyncResult(run_id, uri, run.data.tags.get(REMOTE_RUN))
     lock = run_lock(run_id, folder)
-    fresh = not Path(lock.lock_file).exists()
+    if not Path(lock.lock_file).exists() and _starting(run):
+        # Checked before taking the lock: taking it creates the lock file, and a second sync
+        # would then take this run's writer, still starting, for a dead one.
+        waiting.error = "it is still running"
+        return waiting
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -906,10 +916,6 @@ def _sync_one(spool: MlflowClient, run: Any, folder: Path | None, given: str | N
             return SyncResult(run_id, uri, run.data.tags.get(REMOTE_RUN), complete=True)
         note = None
         if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
-            age_s = time.time() - run.info.start_time / 1000
-            if fresh and age_s < STARTING_S:
-                waiting.error = "it is still running"
-                return waiting
             # Nobody holds its lock: the process that wrote it is gone.
             spool.set_tag(run_id, FAILURE_TAG, DIED)
             spool.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
