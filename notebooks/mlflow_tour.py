@@ -127,7 +127,7 @@ URI = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{TOUR / 'mlflow.db'}"
 mlflow.set_tracking_uri(URI)
 experiment = mlflow.set_experiment("mlflow-tour")
 # MLflow 3's UI opens an experiment in its GenAI view unless this tag says it holds model
-# training (mnistflow's tracking.use_experiment sets it on every experiment it makes).
+# training (mnistflow's store.experiments.use_experiment sets it on every experiment it makes).
 mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")
 
 with mlflow.start_run(run_name="first-run", description="The tour's first, empty run.") as run:

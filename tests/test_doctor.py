@@ -9,7 +9,7 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import ErrorCode
 
 from conftest import free_port, run_cli
-from mnistflow import remote
+from mnistflow.store import remote
 
 
 def test_doctor_passes_on_a_local_store(store):

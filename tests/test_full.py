@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from mnistflow import registry
 from mnistflow.config import preset_config
-from mnistflow.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+from mnistflow.store.experiments import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 
 
 @pytest.mark.slow

@@ -23,7 +23,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_ARGS, MNISTFLOW, free_port, run_cli
-from mnistflow import registry, servers, spool, tracking
+from mnistflow import registry, servers, spool
+from mnistflow.store import checks
 from spool_faults import StallingProxy
 
 # Each test trains (in a child process, or two) and syncs: tens of seconds.
@@ -489,11 +490,11 @@ def test_a_pipeline_whose_run_waits_promotes_nothing(registered, tmp_path, monke
 
     # The store cannot be written (its disk full): the run trains into the spool.
     def full(store: str) -> None:
-        raise tracking.StoreUnwritable(
+        raise checks.StoreUnwritable(
             f"The MLflow store {store} cannot be written now: its disk is full."
         ) from OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tracking, "check_writable", full)
+    monkeypatch.setattr(checks, "check_writable", full)
     monkeypatch.chdir(tmp_path)
     result = run_cli(
         "pipeline", "--limit-train", "2000", "--epochs", "1", "--tracking-uri", uri, "--json"

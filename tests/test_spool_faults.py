@@ -21,7 +21,8 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from conftest import run_cli
-from mnistflow import registry, spool, tracking
+from mnistflow import registry, spool
+from mnistflow.store import checks, experiments
 from spool_faults import KINDS, FaultyClient, differences, snapshot
 
 
@@ -71,7 +72,7 @@ def _make_run(uri: str, reports: Path) -> str:
     per-step and per-epoch metrics (a NaN among them), system metrics, artifacts in folders,
     a logged model with metrics linked to it, and a registration asked for."""
     mlflow.set_tracking_uri(uri)
-    experiment = tracking.create_experiment(MlflowClient(uri), uri, "mnist")
+    experiment = experiments.create_experiment(MlflowClient(uri), uri, "mnist")
     with mlflow.start_run(experiment_id=experiment, run_name="faulty") as run:
         mlflow.log_params({"lr": 0.01, "epochs": 2, "train.arch": "fastnet"})
         mlflow.set_tags({"preset": "fast", "device": "cpu", "mlflow.note.content": "a run"})
@@ -110,7 +111,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
     (reports / "curves" / "loss.png").write_bytes(bytes(range(256)) * 40)
     run_id = _make_run(spool.spool_uri(root / "template"), reports)
     empty = root / "empty.db"
-    tracking.create_sqlite_store(empty)
+    checks.create_sqlite_store(empty)
     yield Bench(root, run_id, empty)
 
 

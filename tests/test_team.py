@@ -15,8 +15,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from conftest import MNISTFLOW, READER, WRITER, as_user, free_port, run_cli, user_env
-from mnistflow import registry, remote
+from mnistflow import registry
 from mnistflow.stack import TeamStack
+from mnistflow.store import remote
 
 pytestmark = [pytest.mark.stack, pytest.mark.server, pytest.mark.slow]
 

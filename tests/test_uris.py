@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mnistflow.uris import has_credentials, redact
+from mnistflow.store.uris import has_credentials, redact
 
 
 @pytest.mark.parametrize(

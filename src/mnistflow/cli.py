@@ -34,7 +34,7 @@ from mnistflow.config import (
     preset_config,
 )
 from mnistflow.reporting import Reporter
-from mnistflow.uris import redact
+from mnistflow.store.uris import redact
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -143,7 +143,7 @@ def _refusal(error: BaseException, answered_only: bool = False) -> str | None:
     answered_only, a request it broke off), else None."""
     import mlflow
 
-    from mnistflow import remote
+    from mnistflow.store import remote
 
     if answered_only and remote.status_of(error) is None:
         return None
@@ -245,7 +245,7 @@ def main() -> None:
 def use_store_of(model_uri: str, tracking_uri: str | None) -> None:
     """Point MLflow at the store a model URI needs (models:/, runs:/), refusing one that does
     not exist; a model given by path needs no store."""
-    from mnistflow.tracking import resolve_tracking_uri, use_store
+    from mnistflow.store.checks import resolve_tracking_uri, use_store
 
     if model_uri.startswith(("models:/", "runs:/")):
         use_store(tracking_uri)
@@ -436,7 +436,7 @@ def say_where(summary: Any, as_json: bool, also: str = "") -> None:
     (and also, when given) and exits KEPT_IN_SPOOL, so a script can tell it from a run in
     its store."""
     if summary.spooled:
-        from mnistflow import remote
+        from mnistflow.store import remote
 
         reason = redact(
             summary.spool_reason or f"The tracking server at {summary.tracking_uri} did not answer."
@@ -520,7 +520,8 @@ def ui(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
 ) -> None:
     """Open the MLflow UI on the same store the runs went to."""
-    from mnistflow.tracking import resolve_tracking_uri, sqlite_path, use_store
+    from mnistflow.store.checks import resolve_tracking_uri, use_store
+    from mnistflow.store.uris import sqlite_path
 
     uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
@@ -550,7 +551,7 @@ def register(
 ) -> None:
     """Register a finished run's model as a new version (it gets @challenger)."""
     from mnistflow import registry
-    from mnistflow.tracking import use_store
+    from mnistflow.store.checks import use_store
 
     uri = use_store(tracking_uri)
     mv = registry.register(registry.client_for(uri), run_id, model_name)
@@ -570,7 +571,7 @@ def rollback(
 ) -> None:
     """Move @champion back to the previous champion."""
     from mnistflow import registry
-    from mnistflow.tracking import use_store
+    from mnistflow.store.checks import use_store
 
     uri = use_store(tracking_uri)
     was, now = registry.rollback(registry.client_for(uri), model_name)
@@ -674,7 +675,7 @@ def promote(
 ) -> None:
     """Evaluate @challenger against @champion on the test set; move @champion if it passes."""
     from mnistflow.promotion import promote as run_promotion
-    from mnistflow.tracking import use_store
+    from mnistflow.store.checks import use_store
 
     uri = use_store(tracking_uri)
     decision = run_promotion(
@@ -910,7 +911,7 @@ def doctor(
 ) -> None:
     """Check the tracking setup: server and version, login for reading and writing, artifacts."""
     from mnistflow.doctor import run_checks
-    from mnistflow.tracking import resolve_tracking_uri
+    from mnistflow.store.checks import resolve_tracking_uri
 
     checks = run_checks(resolve_tracking_uri(tracking_uri), experiment)
     for check in checks:
@@ -940,6 +941,7 @@ def sync(
     still wait.
     """
     from mnistflow import spool
+    from mnistflow.store import uris
 
     if list_only:
         waiting = [
@@ -956,7 +958,7 @@ def sync(
         if as_json:
             print_result({"pending": waiting}, True, "")
             return
-        table = Table(title=f"Waiting in {spool.spool_dir()}", title_justify="left")
+        table = Table(title=f"Waiting in {uris.spool_dir()}", title_justify="left")
         for column in ("spool run", "name", "status", "target", "target run"):
             table.add_column(column)
         for row in waiting:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mnistflow.config import DataConfig, MnistflowError
-from mnistflow.uris import redact
+from mnistflow.store.uris import redact
 
 if TYPE_CHECKING:
     import torch

@@ -18,7 +18,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnistflow import remote
+from mnistflow.store import remote
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ from mnistflow.pipeline import (
     tracking_record,
 )
 from mnistflow.reporting import Reporter
-from mnistflow.tracking import TrackedRun, check_reachable, resolve_tracking_uri
+from mnistflow.store.checks import check_reachable, resolve_tracking_uri
+from mnistflow.tracking import TrackedRun
 from mnistflow.train import resolve
 
 if TYPE_CHECKING:

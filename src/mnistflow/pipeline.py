@@ -25,9 +25,9 @@ from mnistflow.config import (
     validate,
 )
 from mnistflow.reporting import Reporter, Tee
+from mnistflow.store.uris import redact
 from mnistflow.tracking import TrackedRun
 from mnistflow.train import Evaluation, evaluate, fit, resolve
-from mnistflow.uris import redact
 
 # Test digits the ONNX export is checked on (against PyTorch) and logged as input examples.
 CHECK_IMAGES = 256

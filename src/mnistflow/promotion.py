@@ -31,8 +31,9 @@ from mlflow.models import EvaluationResult, MetricThreshold
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 from mlflow.tracking import MlflowClient
 
-from mnistflow import data, registry, tracking
+from mnistflow import data, registry
 from mnistflow.config import MODEL_NAME, DataConfig, MnistflowError
+from mnistflow.store import experiments
 
 EXPERIMENT = "mnist-promotion"
 
@@ -168,7 +169,7 @@ def promote(
     frame["label"] = test.labels.numpy()
 
     with _fluent_store(tracking_uri):
-        tracking.use_experiment(EXPERIMENT)  # marked as model training in the UI
+        experiments.use_experiment(EXPERIMENT)  # marked as model training in the UI
         with _run(f"promote {name} v{challenger}") as parent:
             mlflow.log_params(
                 {

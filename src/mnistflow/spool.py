@@ -71,9 +71,18 @@ from mlflow.entities import (
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnistflow import remote
+from mnistflow import registry
 from mnistflow.config import FAILURE_TAG, MnistflowError
-from mnistflow.uris import redact
+from mnistflow.store import checks, experiments, remote
+from mnistflow.store.uris import (
+    is_embedded,
+    is_remote,
+    is_spool,
+    redact,
+    spool_dir,
+    sqlite_path,
+    target_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,23 +114,15 @@ FORWARD_INTERVAL_S = 2.0
 FORWARD_INTERVAL_EMBEDDED_S = 10.0
 
 
-def spool_dir() -> Path:
-    return Path(
-        os.environ.get("MNISTFLOW_SPOOL_DIR") or Path.home() / ".cache" / "mnistflow" / "spool"
-    )
-
-
 def spool_uri(folder: Path | None = None) -> str:
     """The spool store's URI; the store is made (whole) when it does not exist yet."""
-    from mnistflow import tracking
-
     folder = folder or spool_dir()
     path = folder.resolve() / "spool.db"
     uri = f"sqlite:///{path}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not path.exists():
-            tracking.create_sqlite_store(path)
+            checks.create_sqlite_store(path)
     except Exception as e:
         if reason := remote.store_sentence(e, uri):
             raise MnistflowError(reason) from e
@@ -129,39 +130,11 @@ def spool_uri(folder: Path | None = None) -> str:
     return uri
 
 
-def is_remote(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def is_embedded(uri: str) -> bool:
-    """A SQLite file store (not an in-memory one)."""
-    from mnistflow import tracking
-
-    return tracking.sqlite_path(uri) is not None
-
-
-def is_spool(uri: str) -> bool:
-    """Whether uri is the spool store itself (compared by resolved path)."""
-    from mnistflow import tracking
-
-    path = tracking.sqlite_path(uri)
-    return path is not None and path == (spool_dir() / "spool.db").resolve()
-
-
 def spools(uri: str) -> bool:
     """Whether a run for uri goes through the spool: runs for a tracking server or an
     embedded store do, so one code path (autolog, artifacts and models included) survives
     either going away; the spool itself and other databases are written directly."""
     return is_remote(uri) or (is_embedded(uri) and not is_spool(uri))
-
-
-def target_uri(uri: str) -> str:
-    """uri as recorded on a spool run: an embedded store by its absolute path, so that
-    `mnistflow sync` run from another folder sends the run to the same store."""
-    from mnistflow import tracking
-
-    path = tracking.sqlite_path(uri)
-    return f"sqlite:///{path}" if path is not None else uri
 
 
 def recorded_target(uri: str) -> str:
@@ -184,13 +157,11 @@ def open_target(target: str) -> MlflowClient:
     """A client of target. An embedded store is checked first (StoreUnwritable when it cannot
     be written) and made whole when it does not exist: MlflowClient would create it on the
     spot, step by step, and a full disk would leave it half-made."""
-    from mnistflow import tracking
-
-    path = tracking.sqlite_path(target)
+    path = sqlite_path(target)
     if path is not None:
-        tracking.check_writable(target)
+        checks.check_writable(target)
         if not path.exists():
-            tracking.create_sqlite_store(path)
+            checks.create_sqlite_store(path)
     return MlflowClient(target, registry_uri=target)
 
 
@@ -654,8 +625,6 @@ class RunCopier:
         name = run.data.tags.get(REGISTER_AS)
         served = next((m for s, m in self.models.items() if self._name(s) == "model"), None)
         if name and served and run.info.status == RunStatus.to_string(RunStatus.FINISHED):
-            from mnistflow import registry
-
             version = registry.ensure_registered(self.remote, remote_id, name, served)
             result.registered_version = str(version.version)
             self.spool.set_tag(self.spool_run_id, REGISTERED, result.registered_version)
@@ -732,12 +701,10 @@ def _rewrite_ids(model_dir: Path, model_id: str, run_id: str) -> None:
 
 def remote_experiment(client: MlflowClient, name: str) -> str:
     """The server's experiment of this name (created, as a model-training one, if missing)."""
-    from mnistflow import tracking
-
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return str(experiment.experiment_id)
-    return tracking.create_experiment(client, str(client.tracking_uri), name)
+    return experiments.create_experiment(client, str(client.tracking_uri), name)
 
 
 class Forwarder(threading.Thread):
@@ -893,7 +860,7 @@ def sync(folder: Path | None = None, target: str | None = None) -> list[SyncResu
 def _starting(run: Any) -> bool:
     """A RUNNING run younger than STARTING_S, whose writer may not have taken its lock yet."""
     running = run.info.status == RunStatus.to_string(RunStatus.RUNNING)
-    return running and time.time() - run.info.start_time / 1000 < STARTING_S
+    return running and bool(time.time() - run.info.start_time / 1000 < STARTING_S)
 
 
 def _sync_one(spool: MlflowClient, run: Any, folder: Path | None, given: str | None) -> SyncResult:
@@ -966,9 +933,7 @@ def _why_not_sent(error: BaseException, target: str, remote_run_id: str | None) 
 def _gone(target: str) -> str | None:
     """One sentence when an embedded target's folder no longer exists: sync makes no store
     in its place (one the user did not ask for); the run waits in the spool."""
-    from mnistflow import tracking
-
-    path = tracking.sqlite_path(target)
+    path = sqlite_path(target)
     if path is None or path.parent.is_dir():
         return None
     return (
@@ -987,8 +952,6 @@ class Session:
     """
 
     def __init__(self, target: str, require_server: bool = False) -> None:
-        from mnistflow import tracking
-
         self.target = target_uri(target)
         self.embedded = is_embedded(self.target)
         self.uri = ""  # the spool's, once the target is checked (a refusal makes nothing)
@@ -1005,10 +968,10 @@ class Session:
             # Wrong credentials, a server that is not MLflow, or a store folder that does not
             # exist are not outages: they stop here.
             if self.embedded:
-                tracking.check_writable(self.target)
+                checks.check_writable(self.target)
             else:
-                tracking.check_reachable(self.target)
-        except tracking.StoreUnavailable as e:
+                checks.check_reachable(self.target)
+        except checks.StoreUnavailable as e:
             if require_server:
                 self._requests.__exit__(None, None, None)
                 raise

@@ -41,7 +41,7 @@ from mnistflow.config import (
     preset_config,
 )
 from mnistflow.reporting import Reporter
-from mnistflow.uris import redact
+from mnistflow.store.uris import redact
 
 if TYPE_CHECKING:
     import optuna
@@ -919,7 +919,7 @@ def run_sweep(config: SweepConfig, tracking: TrackingConfig | None = None) -> Sw
     same command (or only --study) later resumes the study.
     """
     from mnistflow import registry
-    from mnistflow.tracking import resolve_tracking_uri
+    from mnistflow.store.checks import resolve_tracking_uri
 
     started = time.perf_counter()
     config.validate()

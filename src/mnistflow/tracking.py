@@ -5,9 +5,8 @@
         fit(config, train, val, reporter=run)
         run.log_results(...); run.log_folder(...)
 
-Before a run starts, use_store checks the store is the one asked for and usable (an MLflow
-server that answers as one, a SQLite file that exists unless it is to be created), and
-use_experiment marks the experiment as model training for the MLflow UI.
+Before a run starts, the store is checked (store.checks.use_store) and the experiment marked
+as model training for the MLflow UI (store.experiments.use_experiment).
 
 Per-step metrics arrive in blocks (see train.fit) and go to the store in one log_batch
 call per block; with async logging that call only enqueues, so training never waits on the
@@ -17,13 +16,9 @@ or FAILED.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
-import re
-import tempfile
 import time
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from importlib.metadata import version
@@ -42,240 +37,9 @@ from mnistflow import spool
 from mnistflow.config import FAILURE_TAG, MnistflowError, TrackingConfig
 from mnistflow.data import DATASET_DIGEST, MnistSplits
 from mnistflow.reporting import Reporter
-from mnistflow.uris import redact
-
-# The experiment tag MLflow's UI reads to pick its view, and its model-training value
-# (mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT).
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-MODEL_TRAINING_KIND = "custom_model_development"
-
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    """The tracking URI in force: the given one, else MLFLOW_TRACKING_URI, else MLflow's default."""
-    if uri:
-        mlflow.set_tracking_uri(uri)
-    return str(mlflow.get_tracking_uri())
-
-
-def check_reachable(uri: str) -> None:
-    """Fail fast with one sentence when the store cannot be used, instead of minutes of retries.
-
-    A tracking server passes only when it answers as MLflow's does: /health says "OK" (no
-    login needed) and /version gives a version number (a login is, on an auth server).
-    """
-    path = sqlite_path(uri)
-    if uri.startswith(("http://", "https://")):
-        _check_server(uri)
-    elif path is not None:
-        folder = path.parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise MnistflowError(
-                f"Cannot create the MLflow store {redact(uri)}: {folder} is not a writable folder."
-            )
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a SQLite store URI (absolute); None for other URIs and for
-    in-memory databases."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
-    if path in ("", ":memory:"):
-        return None
-    return Path(path).expanduser().resolve()
-
-
-class StoreUnavailable(MnistflowError):
-    """The store cannot take writes now but may later: an outage, not a refusal."""
-
-
-class ServerUnavailable(StoreUnavailable):
-    """The tracking server did not answer, or answered 5xx."""
-
-
-class StoreUnwritable(StoreUnavailable):
-    """An embedded store's disk is full, or it is read-only or not ours to write."""
-
-
-# What the writability check writes (and removes): about a spool round of metrics.
-PROBE_BYTES = 64 * 1024
-
-
-def check_writable(uri: str) -> None:
-    """For a SQLite store: one sentence when its folder does not exist (a wrong URI), and
-    StoreUnwritable when it cannot be written now (disk full, read-only, no permission).
-
-    It writes, because nothing else tells: os.access says yes to root and knows nothing of
-    free space. The probe is an unnamed file (O_TMPFILE), so nothing is left behind.
-    """
-    path = sqlite_path(uri)
-    if path is None:
-        return
-    if not path.parent.is_dir():
-        raise MnistflowError(
-            f"Cannot create the MLflow store {redact(uri)}: {path.parent} is not a writable folder."
-        )
-    from mnistflow import remote
-
-    try:
-        if path.exists():
-            with path.open("r+b"):  # a read-only file or file system refuses this
-                pass
-        with tempfile.TemporaryFile(dir=path.parent) as probe:
-            probe.write(bytes(PROBE_BYTES))
-            probe.flush()
-    except OSError as e:
-        cause = OSError(e.errno, e.strerror)  # without the probe's own (random) file name
-        reason = remote.store_sentence(cause, uri)
-        if reason is None:
-            raise MnistflowError(
-                f"Cannot write the MLflow store {redact(uri)}: {e.strerror}."
-            ) from e
-        raise StoreUnwritable(reason) from cause
-
-
-def create_sqlite_store(path: Path) -> None:
-    """A new, empty SQLite MLflow store at path, whole or not at all.
-
-    MLflow creates its tables step by step, so a disk that fills (or a second process that
-    starts at the same moment) can leave a half-made store that no later command can open.
-    Here it is made under a temporary name beside path and linked into place; when another
-    process got there first, its store is as good. Experiment 0 keeps its artifacts beside
-    the database, as create_experiment does for ours.
-    """
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    making = path.with_name(f".{path.name}.{uuid.uuid4().hex}.making")
-    try:
-        store = SqlAlchemyStore(f"sqlite:///{making}", str(path.parent / "mlruns"))
-        store.engine.dispose()
-        with contextlib.suppress(FileExistsError):
-            os.link(making, path)
-    finally:
-        making.unlink(missing_ok=True)
-
-
-def _check_server(uri: str) -> None:
-    import requests  # a dependency of MLflow
-    from mlflow.utils.credentials import get_default_host_creds
-    from mlflow.utils.rest_utils import http_request
-
-    # MLflow's own request helper, so the check logs in as the client will
-    # (MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN, ~/.mlflow/credentials, TLS settings).
-    creds = get_default_host_creds(uri.rstrip("/"))
-    answers = {}
-    for endpoint in ("/health", "/version"):
-        try:
-            # 30 s, not less: a server with logins checks the password hash on a client's first
-            # request, which takes seconds on a busy machine.
-            answers[endpoint] = http_request(
-                creds, endpoint, "GET", max_retries=0, timeout=30, raise_on_status=False
-            )
-        except (requests.RequestException, MlflowException) as e:
-            cause = e.__cause__ if isinstance(e, MlflowException) and e.__cause__ else e
-            raise ServerUnavailable(
-                f"Cannot reach the MLflow tracking server at {redact(uri)} "
-                f"({type(cause).__name__}); start it or point --tracking-uri / "
-                "MLFLOW_TRACKING_URI elsewhere."
-            ) from e
-        if endpoint == "/health":
-            health = answers[endpoint]
-            if health.status_code != 200 or health.text.strip() != "OK":
-                # A 5xx is a server (or the one behind a proxy) that is down: an outage.
-                error = ServerUnavailable if health.status_code >= 500 else MnistflowError
-                raise error(
-                    f"{redact(uri)} is not a healthy MLflow tracking server (/health answered HTTP "
-                    f"{health.status_code}); check the URI and whatever proxy is in front of it."
-                )
-    answer = answers["/version"]
-    from mnistflow import remote
-
-    if answer.status_code in (401, 403):
-        raise MnistflowError(remote.describe(answer.status_code, "/version", uri))
-    if answer.status_code >= 500:  # e.g. its database is down
-        raise ServerUnavailable(str(remote.describe(answer.status_code, "/version", uri)))
-    if answer.status_code != 200 or not re.fullmatch(r"\d+\.\d+\S*", answer.text.strip()):
-        raise MnistflowError(
-            f"{redact(uri)} answers, but not as an MLflow tracking server (/version answered HTTP "
-            f"{answer.status_code}); check --tracking-uri / MLFLOW_TRACKING_URI."
-        )
-
-
-def use_store(uri: str | None, create: bool = False) -> str:
-    """Point MLflow at the store the user asked for (see resolve_tracking_uri) and check it.
-
-    create=False is for commands that read or change what training wrote: a local SQLite
-    store that does not exist yet is refused rather than created empty.
-    """
-    resolved = resolve_tracking_uri(uri)
-    check_reachable(resolved)
-    path = sqlite_path(resolved)
-    if not create and path is not None and not path.is_file():
-        raise MnistflowError(
-            f"There is no MLflow store at {path}; train a model first "
-            "(mnistflow train) or point --tracking-uri / MLFLOW_TRACKING_URI at your store."
-        )
-    return resolved
-
-
-def project_run_id() -> str | None:
-    """The run an MLflow Project started for this process, if any.
-
-    `mlflow run` and `mlflow.projects.run` create the run themselves and pass its id in
-    MLFLOW_RUN_ID; mlflow.start_run() resumes that run (and removes the variable).
-    """
-    return os.environ.get("MLFLOW_RUN_ID") or None
-
-
-def use_experiment(name: str) -> str:
-    """Make name the active experiment (created when missing), marked as model training in
-    the MLflow UI; returns its id.
-
-    Under an MLflow Project the run already exists, in the experiment given to `mlflow run
-    --experiment-name`: that experiment stays active (setting another would make start_run
-    refuse to resume the run) and its id is returned.
-    """
-    uri = str(mlflow.get_tracking_uri())
-    client = MlflowClient(uri)
-    if (run_id := project_run_id()) is not None:
-        return str(client.get_run(run_id).info.experiment_id)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        experiment_id = create_experiment(client, uri, name)
-    else:
-        experiment_id = experiment.experiment_id
-        kind = experiment.tags.get(EXPERIMENT_KIND_TAG)
-        # Without the tag, MLflow 3's UI opens an experiment in its GenAI view (traces,
-        # judges); the UI records its own guesses as "*_inferred". A kind someone chose stays.
-        if kind is None or kind.endswith("_inferred") or kind == "no_inferred_type":
-            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return str(experiment_id)
-
-
-def create_experiment(client: MlflowClient, uri: str, name: str) -> str:
-    location = None
-    database = sqlite_path(uri)
-    if database is not None:
-        # Beside the database: MLflow's default is ./mlruns in whatever folder the command
-        # runs in, a second store the user did not ask for when the database is elsewhere.
-        location = str(database.parent / "mlruns" / uuid.uuid4().hex)
-    try:
-        return str(
-            client.create_experiment(
-                name,
-                artifact_location=location,
-                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
-            )
-        )
-    except MlflowException as e:
-        # Another process created it a moment ago.
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        existing = client.get_experiment_by_name(name)
-        if existing is None:
-            raise
-        return str(existing.experiment_id)
+from mnistflow.store.checks import resolve_tracking_uri, use_store
+from mnistflow.store.experiments import project_run_id, use_experiment
+from mnistflow.store.uris import redact
 
 
 def git_state() -> tuple[str, bool | None]:

@@ -9,7 +9,7 @@ import uvicorn
 from mnistflow.serving.app import create_app
 from mnistflow.serving.model import ModelFollower
 from mnistflow.serving.settings import ServeConfig
-from mnistflow.tracking import resolve_tracking_uri
+from mnistflow.store.checks import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 

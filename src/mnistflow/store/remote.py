@@ -16,9 +16,10 @@ import os
 import re
 import sqlite3
 
+import requests  # a dependency of MLflow
 from mlflow.exceptions import MlflowException, RestException
 
-from mnistflow.uris import redact
+from mnistflow.store.uris import is_spool, redact
 
 # MLflow's text for a reply that is not its JSON error (the auth app's plain-text refusals).
 _REPLY = re.compile(r"endpoint (?P<endpoint>\S+) failed with error code (?P<status>\d{3})")
@@ -139,8 +140,6 @@ def is_outage(error: BaseException) -> bool:
     """Whether error means the store is away (a server's no reply, timeout or 5xx; an embedded
     store that cannot be written now), as opposed to a refusal of what was sent or of who
     sent it: waiting and retrying (or freeing space) can mend an outage."""
-    import requests
-
     found = status_of(error)
     if found is not None:
         return found[0] >= 500
@@ -207,13 +206,11 @@ def unwritable(error: BaseException) -> str | None:
 
 def store_sentence(error: BaseException, tracking_uri: str) -> str | None:
     """One sentence for an embedded store that cannot be written; None for anything else."""
-    from mnistflow import spool  # spool imports this module
-
     why = unwritable(error)
     if why is None:
         return None
     tracking_uri = redact(tracking_uri)
-    if spool.is_spool(tracking_uri):
+    if is_spool(tracking_uri):
         return (
             f"The local spool {tracking_uri} cannot be written now: {why}; set "
             "MNISTFLOW_SPOOL_DIR to a folder on another disk."
