@@ -26,8 +26,9 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from common import BIN, RESULTS, table, tool_env
-from mnistflow import data, inference, registry
+from mnistflow import data, inference
 from mnistflow.config import DataConfig, TrackingConfig, preset_config
+from mnistflow.lifecycle import registry
 from mnistflow.pipeline import train_run
 
 

@@ -34,8 +34,8 @@ from PIL import Image, ImageDraw
 from urllib3 import encode_multipart_formdata
 
 from common import BIN, RESULTS, background, free_port, table
-from mnistflow import registry
 from mnistflow.config import DataConfig, TrackingConfig, preset_config
+from mnistflow.lifecycle import registry
 from mnistflow.pipeline import train_run
 from mnistflow.preprocess import image_to_digit
 

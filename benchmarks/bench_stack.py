@@ -28,8 +28,9 @@ import mlflow
 from typer.testing import CliRunner
 
 from common import RESULTS, table
-from mnistflow import registry, tracking
+from mnistflow import tracking
 from mnistflow.cli import app
+from mnistflow.lifecycle import registry
 from mnistflow.stack import client_free_env, team_stack
 
 

@@ -32,8 +32,9 @@ from typing import Any
 import torch
 
 from common import RESULTS, mlflow_server, table
-from mnistflow import data, models
+from mnistflow import data
 from mnistflow.config import DataConfig, TrackingConfig, preset_config
+from mnistflow.lifecycle import networks as models
 from mnistflow.reporting import Reporter
 from mnistflow.tracking import TrackedRun
 from mnistflow.train import evaluate, fit

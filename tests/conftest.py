@@ -19,8 +19,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from mnistflow import registry, servers, spool
+from mnistflow import servers, spool
 from mnistflow.cli import app
+from mnistflow.lifecycle import registry
 from mnistflow.servers import free_port as free_port
 from mnistflow.servers import wait_until_up as wait_until_up
 

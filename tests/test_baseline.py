@@ -15,8 +15,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.autologging_utils import autologging_is_disabled
 
 from conftest import run_cli
-from mnistflow import data, registry
+from mnistflow import data
 from mnistflow.config import DataConfig
+from mnistflow.lifecycle import registry
 from mnistflow.serving import ServeConfig, create_app
 from mnistflow.serving.model import ModelFollower
 

@@ -153,9 +153,10 @@ def test_default_store_is_sqlite_in_the_working_directory(store: str, tmp_path: 
          "prediction stopped; no model or tracking store was changed."),
         (["promote"], "mnistflow.promotion.promote",
          "@champion and @challenger moved only if the decision had been reached"),
-        (["register", "0123abcd"], "mnistflow.registry.register",
+        (["register", "0123abcd"], "mnistflow.lifecycle.registry.register",
          "registration may have stopped part-way"),
-        (["rollback"], "mnistflow.registry.rollback", "the rollback may have stopped part-way"),
+        (["rollback"], "mnistflow.lifecycle.registry.rollback",
+         "the rollback may have stopped part-way"),
         (["serve"], "mnistflow.serving.run", "the server was stopped."),
     ],
 )  # fmt: skip

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mnistflow import registry
 from mnistflow.config import preset_config
+from mnistflow.lifecycle import registry
 from mnistflow.store.experiments import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 
 

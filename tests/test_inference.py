@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from conftest import MIRROR, run_cli
-from mnistflow import data, inference, logged_models, preprocess
+from mnistflow import data, inference, preprocess
 from mnistflow.config import DataConfig, preset_config
-from mnistflow.export import onnx_probabilities
+from mnistflow.lifecycle import logged_models
+from mnistflow.lifecycle.export import onnx_probabilities
 from mnistflow.train import evaluate, fit
 
 

@@ -16,8 +16,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import MNISTFLOW, free_port, run_cli
-from mnistflow import data, lightning_train, models
+from mnistflow import data, lightning_train
 from mnistflow.config import DataConfig
+from mnistflow.lifecycle import networks as models
 from mnistflow.pipeline import TrainSummary
 from mnistflow.train import evaluate
 

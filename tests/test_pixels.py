@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
 
 from conftest import run_cli
-from mnistflow.pixels import SHAPES, PixelError, as_pixels
+from mnistflow.lifecycle.pixels import SHAPES, PixelError, as_pixels
 from mnistflow.serving import ServeConfig, create_app
 from mnistflow.serving.model import ModelFollower
 

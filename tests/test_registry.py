@@ -16,8 +16,8 @@ from mlflow.tracking import MlflowClient
 
 import mnistflow
 from conftest import run_cli
-from mnistflow import logged_models, registry
 from mnistflow.config import MnistflowError
+from mnistflow.lifecycle import logged_models, registry
 
 SRC = Path(mnistflow.__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_promoting_the_champion_again_changes_nothing_and_rollback_always_moves(
 PROMOTER = """
 import sys, time, pathlib
 from mlflow.tracking import MlflowClient
-from mnistflow import registry
+from mnistflow.lifecycle import registry
 uri, name, go, mine, rounds = sys.argv[1:]
 client = MlflowClient(uri, registry_uri=uri)
 registry.champion_history(client, name)  # connect and warm up before the start

@@ -23,7 +23,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_ARGS, MNISTFLOW, free_port, run_cli
-from mnistflow import registry, servers, spool
+from mnistflow import servers, spool
+from mnistflow.lifecycle import registry
 from mnistflow.store import checks
 from spool_faults import StallingProxy
 

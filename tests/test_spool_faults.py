@@ -21,7 +21,8 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from conftest import run_cli
-from mnistflow import registry, spool
+from mnistflow import spool
+from mnistflow.lifecycle import registry
 from mnistflow.store import checks, experiments
 from spool_faults import KINDS, FaultyClient, differences, snapshot
 

@@ -18,8 +18,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import MNISTFLOW, run_cli
-from mnistflow import models, registry, servers, sweep
+from mnistflow import servers, sweep
 from mnistflow.config import preset_config
+from mnistflow.lifecycle import networks as models
+from mnistflow.lifecycle import registry
 
 SLICE = ["--limit-train", "1000", "--epochs", "2"]
 # Only the learning rate is searched: the enqueued trials below then fix every trial's recipe.

@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from conftest import MNISTFLOW, READER, WRITER, as_user, free_port, run_cli, user_env
-from mnistflow import registry
+from mnistflow.lifecycle import registry
 from mnistflow.stack import TeamStack
 from mnistflow.store import remote
 

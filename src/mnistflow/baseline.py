@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mnistflow import data, logged_models, reports
+from mnistflow import data, reports
 from mnistflow.config import DataConfig, MnistflowError, TrackingConfig, as_dict
+from mnistflow.lifecycle import logged_models
 from mnistflow.pipeline import (
     TrainSummary,
     ask_registration,

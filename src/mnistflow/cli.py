@@ -550,7 +550,7 @@ def register(
     as_json: JsonOut = False,
 ) -> None:
     """Register a finished run's model as a new version (it gets @challenger)."""
-    from mnistflow import registry
+    from mnistflow.lifecycle import registry
     from mnistflow.store.checks import use_store
 
     uri = use_store(tracking_uri)
@@ -570,7 +570,7 @@ def rollback(
     as_json: JsonOut = False,
 ) -> None:
     """Move @champion back to the previous champion."""
-    from mnistflow import registry
+    from mnistflow.lifecycle import registry
     from mnistflow.store.checks import use_store
 
     uri = use_store(tracking_uri)

@@ -50,6 +50,9 @@ class DataConfig:
     limit_train: int | None = None
 
 
+# The networks by name; lifecycle/networks.py builds each (tests/test_layout.py ties the two),
+# so that checking a config needs no torch.
+ARCHITECTURES: tuple[str, ...] = ("fast", "classic", "quality")
 Optimizer = Literal["adam", "adadelta"]
 Schedule = Literal["onecycle", "step"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -67,7 +70,7 @@ class TrainConfig:
     """
 
     preset: str = "fast"
-    arch: str = "fast"  # a network of models.ARCHITECTURES
+    arch: str = "fast"  # one of ARCHITECTURES
     epochs: int = 1
     batch_size: int = 128
     optimizer: Optimizer = "adam"  # adam: AdamW; adadelta: as in the PyTorch example
@@ -150,10 +153,8 @@ def _number(value: Any) -> bool:
 
 def _problem(c: TrainConfig) -> str | None:
     """What is wrong with a config, as a sentence naming the field; None when nothing is."""
-    from mnistflow.models import ARCHITECTURES  # imported here: it brings in torch
-
     choices = {
-        "arch": (c.arch, tuple(ARCHITECTURES)),
+        "arch": (c.arch, ARCHITECTURES),
         "optimizer": (c.optimizer, OPTIMIZERS),
         "schedule": (c.schedule, SCHEDULES),
         "device": (c.device, DEVICES),

@@ -23,7 +23,7 @@ import numpy as np
 
 from mnistflow.config import MnistflowError
 from mnistflow.data import read_idx
-from mnistflow.pixels import PixelError, as_pixels
+from mnistflow.lifecycle.pixels import PixelError, as_pixels
 from mnistflow.preprocess import ImageError, image_to_digit
 
 OUTPUT_SUFFIXES = (".csv", ".json")
@@ -127,7 +127,7 @@ def load_classifier(model_uri: str, threads: int = 0) -> tuple[Any, dict[str, st
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from mnistflow import registry
+    from mnistflow.lifecycle import registry
 
     try:
         model = mlflow.pyfunc.load_model(model_uri, model_config={"intra_op_threads": threads})

@@ -1,6 +1,6 @@
 """Fit a network with PyTorch Lightning, on one process or several (DDP). Knows nothing of MLflow.
 
-The same networks (models.py), recipe (train.optimizer_and_schedule, train.augment) and
+The same networks (networks.py), recipe (train.optimizer_and_schedule, train.augment) and
 in-memory uint8 tensors (data.py) as the plain loop; Lightning adds the loop, DDP and
 checkpoints. `pytorch_lightning` is the package name MLflow's autolog patches.
 """
@@ -345,11 +345,11 @@ def fit(
     resume_from: a Lightning checkpoint to continue from (epochs, steps, optimiser, schedule).
     before_test: called between fit and test (e.g. to stop autologging before the test).
     """
-    from mnistflow import models
+    from mnistflow.lifecycle import networks
 
     config = resolve(config)
     torch.manual_seed(config.seed)
-    network = models.build(config.arch)
+    network = networks.build(config.arch)
     module = MnistModule(network, config, len(train))
     datamodule = MnistData(train, val, test, config.batch_size, config.seed)
     progress = Progress(reporter, config.log_every_steps) if reporter else None

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnistflow import data, logged_models, registry, reports
+from mnistflow import data, reports
 from mnistflow.config import (
     MODEL_NAME,
     DataConfig,
@@ -24,6 +24,7 @@ from mnistflow.config import (
     as_dict,
     validate,
 )
+from mnistflow.lifecycle import logged_models, registry
 from mnistflow.reporting import Reporter, Tee
 from mnistflow.store.uris import redact
 from mnistflow.tracking import TrackedRun

@@ -31,8 +31,9 @@ from mlflow.models import EvaluationResult, MetricThreshold
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 from mlflow.tracking import MlflowClient
 
-from mnistflow import data, registry
+from mnistflow import data
 from mnistflow.config import MODEL_NAME, DataConfig, MnistflowError
+from mnistflow.lifecycle import registry
 from mnistflow.store import experiments
 
 EXPERIMENT = "mnist-promotion"

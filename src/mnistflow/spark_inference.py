@@ -28,7 +28,7 @@ import pandas as pd  # at run time: pandas_udf reads the functions' type hints
 
 from mnistflow import inference
 from mnistflow.config import MnistflowError
-from mnistflow.pixels import PixelError, as_pixels
+from mnistflow.lifecycle.pixels import PixelError, as_pixels
 from mnistflow.preprocess import ImageError, image_to_digit
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def pin_model(model_uri: str) -> PinnedModel:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from mnistflow import registry
+    from mnistflow.lifecycle import registry
 
     ref = registry.parse_registry_uri(model_uri)
     if ref is None:

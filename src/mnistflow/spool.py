@@ -71,8 +71,8 @@ from mlflow.entities import (
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnistflow import registry
 from mnistflow.config import FAILURE_TAG, MnistflowError
+from mnistflow.lifecycle import registry
 from mnistflow.store import checks, experiments, remote
 from mnistflow.store.uris import (
     is_embedded,

@@ -91,7 +91,7 @@ class SearchSpace:
     batch_size: Dimension | None = Choice((64, 128, 256))
     weight_decay: Dimension | None = Range(1e-6, 1e-2, log=True)
     label_smoothing: Dimension | None = Range(0.0, 0.2)
-    # The fast network's first-layer channels (24, models.FAST_WIDTH, is the preset's).
+    # The fast network's first-layer channels (24, networks.FAST_WIDTH, is the preset's).
     width: Dimension | None = Choice((16, 24, 32))
 
     def dimensions(self) -> dict[str, Dimension]:
@@ -522,11 +522,11 @@ class WorkerJob:
 
 
 def _trial_network(config: TrainConfig, params: Mapping[str, Any]) -> Any:
-    from mnistflow import models
+    from mnistflow.lifecycle import networks
 
     if "width" in params:
-        return models.FastNet(width=int(params["width"]))
-    return models.build(config.arch)
+        return networks.FastNet(width=int(params["width"]))
+    return networks.build(config.arch)
 
 
 def _objective(trial: optuna.Trial, job: WorkerJob, splits: MnistSplits) -> float:
@@ -534,7 +534,7 @@ def _objective(trial: optuna.Trial, job: WorkerJob, splits: MnistSplits) -> floa
     import optuna
     import torch
 
-    from mnistflow import models
+    from mnistflow.lifecycle import networks
     from mnistflow.reporting import Tee
     from mnistflow.tracking import TrackedRun, set_run_tags
     from mnistflow.train import fit, resolve
@@ -544,7 +544,7 @@ def _objective(trial: optuna.Trial, job: WorkerJob, splits: MnistSplits) -> floa
     base = resolve(job.definition.base_config())
     device = base.device
     train_config = dataclasses.replace(base, **{k: v for k, v in params.items() if k != "width"})
-    width = params.get("width", models.FAST_WIDTH if train_config.arch == "fast" else None)
+    width = params.get("width", networks.FAST_WIDTH if train_config.arch == "fast" else None)
     tags = {
         **job.tracking.tags,
         "sweep_study": job.study,
@@ -846,7 +846,8 @@ def _finish_best(
     import torch
     from optuna.trial import TrialState
 
-    from mnistflow import data, logged_models, models, reports
+    from mnistflow import data, reports
+    from mnistflow.lifecycle import logged_models, networks
     from mnistflow.tracking import TrackedRun, download_artifact, get_run, set_run_tags
     from mnistflow.train import evaluate
 
@@ -875,9 +876,9 @@ def _finish_best(
         # (explicit, not the default of whichever torch is installed).
         checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
         network = (
-            models.FastNet(width=checkpoint["width"])
+            networks.FastNet(width=checkpoint["width"])
             if checkpoint["arch"] == "fast"
-            else models.build(checkpoint["arch"])
+            else networks.build(checkpoint["arch"])
         )
         network.load_state_dict(checkpoint["state_dict"])
         test = evaluate(network, splits.test)
@@ -918,7 +919,7 @@ def run_sweep(config: SweepConfig, tracking: TrackingConfig | None = None) -> Sw
     Ctrl-C: running trials end KILLED, the parent run ends KILLED with what it has, and the
     same command (or only --study) later resumes the study.
     """
-    from mnistflow import registry
+    from mnistflow.lifecycle import registry
     from mnistflow.store.checks import resolve_tracking_uri
 
     started = time.perf_counter()

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnistflow import models
 from mnistflow.config import MnistflowError, TrainConfig
 from mnistflow.data import Split
+from mnistflow.lifecycle import networks
 from mnistflow.reporting import Reporter
 
 
@@ -184,7 +184,7 @@ def fit(
     bf16 = config.precision == "bf16"  # resolved: bf16 or fp32
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    model = model if model is not None else models.build(config.arch)
+    model = model if model is not None else networks.build(config.arch)
     # channels_last lets oneDNN / cuDNN pick their fastest convolution kernels.
     model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     images, labels = train.images.to(device), train.labels.to(device)

@@ -1,7 +1,7 @@
 """Every refusal and failure as one JSON sentence: the error shapes and the app's handlers.
 
 What the client got wrong is a 4xx: an ApiError raised by the service, or a PixelError from
-the pixel check (mnistflow.pixels). Anything else is the server's fault: a 500 that says
+the pixel check (mnistflow.lifecycle.pixels). Anything else is the server's fault: a 500 that says
 only that the server log has the details.
 
 /invocations answers in the shape of MLflow's scoring server, ``{"error_code", "message"}``,
@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
-from mnistflow.pixels import PixelError
+from mnistflow.lifecycle.pixels import PixelError
 
 # The error codes MLflow's scoring server puts in its JSON errors, by HTTP status.
 MLFLOW_ERROR_CODES = {

@@ -1,5 +1,5 @@
 """Request bodies to pixel arrays, and every way they can be wrong as an ApiError (the
-pixels themselves are checked by mnistflow.pixels, as in the model and in `predict`).
+pixels themselves are checked by mnistflow.lifecycle.pixels, as in the model and in `predict`).
 
 The JSON path is kept lean on purpose: orjson parses the bytes and numpy converts the
 nested lists in one call, where validating 784 numbers through pydantic models would cost
@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mnistflow.pixels import as_pixels
+from mnistflow.lifecycle.pixels import as_pixels
 from mnistflow.preprocess import image_to_digit
 from mnistflow.serving.errors import ApiError
 

@@ -21,7 +21,7 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from mnistflow.config import MnistflowError
-from mnistflow.registry import describe_models, parse_registry_uri
+from mnistflow.lifecycle.registry import describe_models, parse_registry_uri
 
 log = logging.getLogger(__name__)
 

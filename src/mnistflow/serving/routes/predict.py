@@ -1,7 +1,7 @@
 """POST /predict and /invocations: pixels or images in, labels and probabilities out.
 
 These two routes take nearly all the traffic, so they are kept lean: the body is read as
-bytes, parsed by orjson and checked by mnistflow.pixels (no pydantic on 784 numbers); the
+bytes, parsed by orjson and checked by mnistflow.lifecycle.pixels (no pydantic on 784 numbers); the
 service and the model are plain calls, not FastAPI dependencies (resolving one measurably
 slows these routes; the README gives the figures); and the model runs inline on the event
 loop, as one digit takes less time in ONNX Runtime than a hop to a worker thread and back.

@@ -24,8 +24,8 @@ try:
     from pixels import PixelError as PixelError
     from pixels import as_pixels
 except ImportError:  # in the source tree, before it is logged
-    from mnistflow.pixels import PixelError as PixelError
-    from mnistflow.pixels import as_pixels
+    from mnistflow.lifecycle.pixels import PixelError as PixelError
+    from mnistflow.lifecycle.pixels import as_pixels
 
 
 class MnistClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]

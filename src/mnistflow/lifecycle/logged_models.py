@@ -152,7 +152,7 @@ def log_torch_models(network: nn.Module, check_images: torch.Tensor, workdir: Pa
     # Imported here: the server and the registry commands never need torch.
     import torch
 
-    from mnistflow import export
+    from mnistflow.lifecycle import export
 
     network = copy.deepcopy(network).to("cpu", memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
     pixels = check_images.float().numpy()  # (N, 1, 28, 28) float32 0-255
