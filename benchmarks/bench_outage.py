@@ -149,11 +149,11 @@ def histories(client: MlflowClient, run_id: str, exact: bool = True) -> dict[str
 def arrived(server: Server, run_id: str, env: dict[str, str], reference: Any) -> bool:
     """Whether the server's run holds exactly what the run logged (the spool's record of it)
     and, after the first round, the reference's values per step."""
-    from mnistflow import spool
+    from mnistflow.spool import targets
 
     client = MlflowClient(server.uri)
-    spool_run = client.get_run(run_id).data.tags[spool.SPOOL_RUN]
-    spooled = MlflowClient(spool.spool_uri(Path(env["MNISTFLOW_SPOOL_DIR"])))
+    spool_run = client.get_run(run_id).data.tags[targets.SPOOL_RUN]
+    spooled = MlflowClient(targets.spool_uri(Path(env["MNISTFLOW_SPOOL_DIR"])))
     same = histories(client, run_id) == histories(spooled, spool_run)
     return same and (reference is None or histories(client, run_id, exact=False) == reference)
 

@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from bench_outage import Server, histories, spooling_server
 from common import RESULTS
-from mnistflow import spool
+from mnistflow.spool import targets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from spool_faults import StallingProxy
@@ -107,7 +107,7 @@ def one(
 
 
 def spool_runs(env: dict) -> list[str]:
-    client = MlflowClient(spool.spool_uri(Path(env["MNISTFLOW_SPOOL_DIR"])))
+    client = MlflowClient(targets.spool_uri(Path(env["MNISTFLOW_SPOOL_DIR"])))
     experiments = [e.experiment_id for e in client.search_experiments()]
     return [r.info.run_id for r in client.search_runs(experiments)] if experiments else []
 
@@ -117,8 +117,8 @@ def check(server: Server, run_id: str, reference: dict, env: dict, killed: bool)
     problems = []
     client = MlflowClient(server.uri)
     run = client.get_run(run_id)
-    spooled = MlflowClient(spool.spool_uri(Path(env["MNISTFLOW_SPOOL_DIR"])))
-    spool_run_id = run.data.tags[spool.SPOOL_RUN]
+    spooled = MlflowClient(targets.spool_uri(Path(env["MNISTFLOW_SPOOL_DIR"])))
+    spool_run_id = run.data.tags[targets.SPOOL_RUN]
     if histories(client, run_id) != histories(spooled, spool_run_id):
         problems.append("metric histories differ from the spool's")
     if run.data.params != spooled.get_run(spool_run_id).data.params:
@@ -163,7 +163,7 @@ def main() -> None:
         for i in range(args.schedules):
             fault = FAULTS[i % len(FAULTS)] if i < len(FAULTS) else rng.choice(FAULTS)
             at_s = rng.uniform(0, 8)
-            length_s = rng.uniform(2, 3 * spool.REQUEST_TIMEOUT_S)
+            length_s = rng.uniform(2, 3 * targets.REQUEST_TIMEOUT_S)
             run_id, ended = one(server, fault, at_s, length_s, train_args, env)
             problems = check(server, run_id, reference, env, killed=fault == "kill-train")
             outcomes.append(

@@ -19,11 +19,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from mnistflow import servers, spool
+from mnistflow import servers
 from mnistflow.cli import app
 from mnistflow.lifecycle import registry
 from mnistflow.servers import free_port as free_port
 from mnistflow.servers import wait_until_up as wait_until_up
+from mnistflow.spool import targets
 
 ROOT = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("MNISTFLOW_MNIST_MIRROR") or ROOT.parent / "shared" / "mnist")
@@ -56,7 +57,7 @@ def _hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 def _empty_spool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty spool store, made once: MLflow takes seconds to create its tables."""
     folder = tmp_path_factory.mktemp("empty-spool")
-    spool.spool_uri(folder)
+    targets.spool_uri(folder)
     return folder / "spool.db"
 
 

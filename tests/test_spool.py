@@ -23,8 +23,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_ARGS, MNISTFLOW, free_port, run_cli
-from mnistflow import servers, spool
+from mnistflow import servers
 from mnistflow.lifecycle import registry
+from mnistflow.spool import sync, targets
 from mnistflow.store import checks
 from spool_faults import StallingProxy
 
@@ -180,7 +181,9 @@ def only_run(server: Server) -> str:
 
 @pytest.mark.server  # a real mlflow server it pauses, kills or never starts
 @pytest.mark.parametrize(
-    "pause_s", [4, spool.REQUEST_TIMEOUT_S + 6], ids=["shorter-than-timeout", "longer-than-timeout"]
+    "pause_s",
+    [4, targets.REQUEST_TIMEOUT_S + 6],
+    ids=["shorter-than-timeout", "longer-than-timeout"],
 )
 def test_a_paused_server_costs_the_run_nothing(server, spool_folder, reference, spawn, pause_s):
     server.start()
@@ -207,7 +210,7 @@ def test_a_stalling_proxy_costs_the_run_nothing(server, spool_folder, reference,
         proc = start_training(spawn, uri)
         run_id = wait_for_run(uri)
         proxy.mode = "stall"  # accepts, holds every request longer than the request timeout
-        time.sleep(spool.REQUEST_TIMEOUT_S + 4)
+        time.sleep(targets.REQUEST_TIMEOUT_S + 4)
         proxy.mode = "slow"  # then answers, slowly
         time.sleep(3)
         proxy.mode = "pass"
@@ -226,7 +229,7 @@ def test_a_killed_training_run_is_completed_by_sync(server, spool_folder, spawn)
     proc = start_training(spawn, server.uri, "--epochs", "30")  # long enough to be killed
     run_id = wait_for_run(server.uri)
     # Killed once some steps are in the spool (the forwarder copied some of them already).
-    spool_uri = spool.spool_uri()
+    spool_uri = targets.spool_uri()
     wait_for_metric(spool_uri, "train_loss")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -237,10 +240,10 @@ def test_a_killed_training_run_is_completed_by_sync(server, spool_folder, spawn)
     assert synced.exit_code == 0, synced.stderr
     (result,) = synced.json()["synced"]
     assert result["complete"] and result["remote_run_id"] == run_id
-    assert result["note"] == spool.DIED
+    assert result["note"] == sync.DIED
     client = MlflowClient(server.uri)
     run = client.get_run(run_id)
-    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == spool.DIED
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == sync.DIED
     # The server holds exactly what the dead process had logged.
     spooled = MlflowClient(spool_uri)
     assert histories(client, run_id) == histories(spooled, waiting["spool_run_id"])
@@ -422,7 +425,7 @@ def test_a_full_store_at_start_trains_into_the_spool_unless_required(
         f"Error: The MLflow store {uri} cannot be written now: its disk is full."
     )
     assert [p.name for p in small_disk.iterdir()] == ["filler"]  # no store made
-    assert runs_in(spool.spool_uri()) == []  # and nothing spooled
+    assert runs_in(targets.spool_uri()) == []  # and nothing spooled
 
     result = cli(*TRAIN, "--tracking-uri", uri)
     assert result.exit_code == 75, result.stderr

@@ -21,8 +21,9 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from conftest import run_cli
-from mnistflow import spool
 from mnistflow.lifecycle import registry
+from mnistflow.spool import sync, targets
+from mnistflow.spool.copier import RunCopier, SyncResult
 from mnistflow.store import checks, experiments
 from spool_faults import KINDS, FaultyClient, differences, snapshot
 
@@ -97,8 +98,8 @@ def _make_run(uri: str, reports: Path) -> str:
         mlflow.log_metric("test_accuracy", 0.95, model_id=model.model_id)
         mlflow.log_metric("test_loss", 0.2, model_id=model.model_id)
     spool_client = MlflowClient(uri)
-    spool_client.set_tag(run.info.run_id, spool.TARGET, "sqlite:////nowhere/mlflow.db")
-    spool_client.set_tag(run.info.run_id, spool.REGISTER_AS, "mnist")
+    spool_client.set_tag(run.info.run_id, targets.TARGET, "sqlite:////nowhere/mlflow.db")
+    spool_client.set_tag(run.info.run_id, targets.REGISTER_AS, "mnist")
     mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
     return str(run.info.run_id)
 
@@ -110,7 +111,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
     (reports / "curves").mkdir(parents=True)
     (reports / "per_class.csv").write_text("digit,accuracy\n0,0.99\n")
     (reports / "curves" / "loss.png").write_bytes(bytes(range(256)) * 40)
-    run_id = _make_run(spool.spool_uri(root / "template"), reports)
+    run_id = _make_run(targets.spool_uri(root / "template"), reports)
     empty = root / "empty.db"
     checks.create_sqlite_store(empty)
     yield Bench(root, run_id, empty)
@@ -118,16 +119,16 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bench]:
 
 def _copy_until_complete(
     spool_client: MlflowClient, run_id: str, target: str, client: FaultyClient, fresh_every: int = 1
-) -> spool.SyncResult:
+) -> SyncResult:
     """Copies again after each failure, as the command's final copy (the same copier) and
     `mnistflow sync` (a new one) do; fresh_every: a new copier after this many failures."""
-    copier = spool.RunCopier(spool_client, target, run_id, _remote=client)  # type: ignore[arg-type]
+    copier = RunCopier(spool_client, target, run_id, _remote=client)  # type: ignore[arg-type]
     for attempt in range(6):
         try:
             result = copier.finish()
         except Exception:
             if (attempt + 1) % fresh_every == 0:
-                copier = spool.RunCopier(spool_client, target, run_id, _remote=client)  # type: ignore[arg-type]
+                copier = RunCopier(spool_client, target, run_id, _remote=client)  # type: ignore[arg-type]
             continue
         assert result.complete, result
         return result
@@ -139,7 +140,7 @@ def reference(bench: Bench) -> tuple[dict, list[str]]:
     """A fault-free copy: what every faulty one must equal, and the calls it made."""
     spool_client = bench.restore("reference")
     target = bench.target("reference")
-    client = FaultyClient(spool.open_target(target))
+    client = FaultyClient(targets.open_target(target))
     result = _copy_until_complete(spool_client, bench.run_id, target, client)
     assert result.registered_version == "1"
     shot = snapshot(target, result.remote_run_id or "")
@@ -177,14 +178,14 @@ def test_a_fault_at_every_call_ends_in_exactly_the_reference(bench, reference, a
         kind = KINDS[(k + after) % len(KINDS)]  # every kind of fault, in turn
         name = f"{k}-{'after' if after else 'before'}-{kind}"
         spool_client, target = bench.restore(name), bench.target(name)
-        client = FaultyClient(spool.open_target(target), at=k, after=after, kind=kind)
+        client = FaultyClient(targets.open_target(target), at=k, after=after, kind=kind)
         # Retried by the same copier (the command's final copy) or a new one (a sync).
         result = _copy_until_complete(spool_client, bench.run_id, target, client, 1 + k % 2)
         if diff := differences(snapshot(target, result.remote_run_id or ""), expected):
             failures.append(f"{name} ({calls[k - 1]}): {diff}")
         elif k % 5 == 0:
             # Copying again (a repeated sync) changes nothing.
-            assert spool.RunCopier(spool_client, target, bench.run_id).finish().complete
+            assert RunCopier(spool_client, target, bench.run_id).finish().complete
             if diff := differences(snapshot(target, result.remote_run_id or ""), expected):
                 failures.append(f"{name}, copied again: {diff}")
     assert not failures, "\n".join(failures)
@@ -196,22 +197,22 @@ def test_a_fault_at_every_call_ends_in_exactly_the_reference(bench, reference, a
 def _pending_run(bench: Bench, name: str) -> tuple[MlflowClient, Path, str]:
     """A spool of its own holding the template's run, meant for a fresh target."""
     spool_client, target = bench.restore(name), bench.target(name)
-    spool_client.set_tag(bench.run_id, spool.TARGET, target)
+    spool_client.set_tag(bench.run_id, targets.TARGET, target)
     return spool_client, bench.root / "spools" / name, target
 
 
 def test_a_run_another_process_is_copying_is_left_alone(bench):
     _, folder, target = _pending_run(bench, "locked")
-    held = spool.run_lock(bench.run_id, folder)
+    held = sync.run_lock(bench.run_id, folder)
     held.acquire(timeout=0)  # as a training process in its final copy holds it
     try:
-        (result,) = spool.sync(folder)
+        (result,) = sync.sync(folder)
     finally:
         held.release()
     assert not result.complete
     assert result.error == "its training process or another sync is sending it now"
     assert runs_in(target) == []  # nothing made on the target meanwhile
-    (result,) = spool.sync(folder)
+    (result,) = sync.sync(folder)
     assert result.complete and runs_in(target) == [result.remote_run_id]
 
 
@@ -220,29 +221,29 @@ def test_a_dead_writers_run_is_sent_and_ended_failed(bench, monkeypatch):
     spool_client.update_run(bench.run_id, status="RUNNING")
     # Young (the template run is as old as the session: every age counts as young here) and
     # without a lock file: still starting, left alone, and no lock file made by looking.
-    monkeypatch.setattr(spool, "STARTING_S", float("inf"))
+    monkeypatch.setattr(sync, "STARTING_S", float("inf"))
     for _ in range(2):
-        (young,) = spool.sync(folder)
+        (young,) = sync.sync(folder)
         assert young.error == "it is still running" and runs_in(target) == []
     # Its lock file exists and nobody holds it: its writer is gone.
-    left = spool.run_lock(bench.run_id, folder)
+    left = sync.run_lock(bench.run_id, folder)
     left.acquire(timeout=0)
     left.release()
-    (result,) = spool.sync(folder)
-    assert result.complete and result.note == spool.DIED
+    (result,) = sync.sync(folder)
+    assert result.complete and result.note == sync.DIED
     run = MlflowClient(target).get_run(result.remote_run_id)
-    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == spool.DIED
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == sync.DIED
     assert spool_client.get_run(bench.run_id).info.status == "FAILED"
     assert result.registered_version is None  # a run that did not finish is not registered
-    assert spool.sync(folder) == []
+    assert sync.sync(folder) == []
 
 
 def test_a_run_that_cannot_be_sent_does_not_stop_the_others(bench, tmp_path, monkeypatch):
     spool_client, folder, target = _pending_run(bench, "two-runs")
     # A second run in the same spool, then the first one's run deleted on the target.
-    second = _make_run(spool.spool_uri(folder), bench.root / "reports")
-    spool_client.set_tag(second, spool.TARGET, target)
-    first = spool.RunCopier(spool_client, target, bench.run_id)
+    second = _make_run(targets.spool_uri(folder), bench.root / "reports")
+    spool_client.set_tag(second, targets.TARGET, target)
+    first = RunCopier(spool_client, target, bench.run_id)
     deleted = first.ensure_remote_run()
     MlflowClient(target).delete_run(deleted)
 
@@ -272,15 +273,15 @@ def runs_in(uri: str) -> list[str]:
 
 
 def test_the_spool_records_no_login_and_sync_logs_in_again():
-    recorded = spool.recorded_target("http://carol:pw-1@127.0.0.1:5000")
+    recorded = targets.recorded_target("http://carol:pw-1@127.0.0.1:5000")
     assert recorded == "http://carol:***@127.0.0.1:5000"
     # The login given to `sync --tracking-uri` for that store is used; else MLflow's own
     # credentials (MLFLOW_TRACKING_USERNAME/PASSWORD) on the URI without the hidden login.
-    assert spool.connect_uri(recorded, "http://carol:pw-1@127.0.0.1:5000") == (
+    assert targets.connect_uri(recorded, "http://carol:pw-1@127.0.0.1:5000") == (
         "http://carol:pw-1@127.0.0.1:5000"
     )
-    assert spool.connect_uri(recorded) == "http://127.0.0.1:5000"
-    assert spool.connect_uri(recorded, "http://dave:pw-2@127.0.0.1:6000") == (
+    assert targets.connect_uri(recorded) == "http://127.0.0.1:5000"
+    assert targets.connect_uri(recorded, "http://dave:pw-2@127.0.0.1:6000") == (
         "http://127.0.0.1:5000"
     )
-    assert spool.connect_uri("sqlite:////data/mlflow.db") == "sqlite:////data/mlflow.db"
+    assert targets.connect_uri("sqlite:////data/mlflow.db") == "sqlite:////data/mlflow.db"

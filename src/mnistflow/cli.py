@@ -940,7 +940,9 @@ def sync(
     process died is sent with what it had logged and ended FAILED. Exit code 1: some runs
     still wait.
     """
-    from mnistflow import spool
+    from mnistflow.spool import targets
+    from mnistflow.spool.sync import pending
+    from mnistflow.spool.sync import sync as send_waiting
     from mnistflow.store import uris
 
     if list_only:
@@ -949,11 +951,12 @@ def sync(
                 "spool_run_id": r.info.run_id,
                 "run_name": r.info.run_name,
                 "status": r.info.status,
-                "server": r.data.tags[spool.TARGET],
-                "server_run_id": r.data.tags.get(spool.REMOTE_RUN),
+                "server": r.data.tags[targets.TARGET],
+                "server_run_id": r.data.tags.get(targets.REMOTE_RUN),
             }
-            for r in spool.pending()
-            if not tracking_uri or r.data.tags[spool.TARGET] == spool.recorded_target(tracking_uri)
+            for r in pending()
+            if not tracking_uri
+            or r.data.tags[targets.TARGET] == targets.recorded_target(tracking_uri)
         ]
         if as_json:
             print_result({"pending": waiting}, True, "")
@@ -965,7 +968,7 @@ def sync(
             table.add_row(*(redact(str(v or "-")) for v in row.values()))
         out.print(table)
         return
-    results = spool.sync(target=tracking_uri)
+    results = send_waiting(target=tracking_uri)
     rows = [dataclasses.asdict(r) for r in results]
     if as_json:
         print_result({"synced": rows}, True, "")

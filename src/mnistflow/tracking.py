@@ -33,10 +33,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import mnistflow
-from mnistflow import spool
 from mnistflow.config import FAILURE_TAG, MnistflowError, TrackingConfig
 from mnistflow.data import DATASET_DIGEST, MnistSplits
 from mnistflow.reporting import Reporter
+from mnistflow.spool.copier import SyncResult
+from mnistflow.spool.session import Session
+from mnistflow.spool.targets import spools
 from mnistflow.store.checks import resolve_tracking_uri, use_store
 from mnistflow.store.experiments import project_run_id, use_experiment
 from mnistflow.store.uris import redact
@@ -108,16 +110,16 @@ class TrackedRun(Reporter):
         self.tracking_uri = resolve_tracking_uri(self.config.tracking_uri)
         # Put back once a spooled run is through (it points MLflow at the spool meanwhile).
         self._uri_before = (_uri_set_here(), os.environ.get("MLFLOW_TRACKING_URI"))
-        self.spooled: spool.Session | None = None
-        self.sync_result: spool.SyncResult | None = None
+        self.spooled: Session | None = None
+        self.sync_result: SyncResult | None = None
         experiment = self.config.experiment
         project_run = None
         # A sweep's trials nest under (or reopen) runs in the store itself: they are
         # logged there directly, not spooled.
         nested = self.config.parent_run_id or self.config.resume_run_id
-        if spool.spools(self.tracking_uri) and not nested:
+        if spools(self.tracking_uri) and not nested:
             # Training writes only to the local spool; the store gets a copy (spool.py).
-            self.spooled = spool.Session(self.tracking_uri, self.config.require_server)
+            self.spooled = Session(self.tracking_uri, self.config.require_server)
             # The run an MLflow Project started on the server is the one the copy completes;
             # the spool's run is a new one in the spool store.
             project_run = os.environ.pop("MLFLOW_RUN_ID", None)
