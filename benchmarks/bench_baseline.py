@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from common import RESULTS, table, tool_env
-from mnistflow.baseline import BaselineConfig, baseline_run
 from mnistflow.config import DataConfig, TrackingConfig, preset_config
-from mnistflow.pipeline import train_run
+from mnistflow.engines.sklearn import BaselineConfig
+from mnistflow.runs.baseline import baseline_run
+from mnistflow.runs.plain import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,10 +26,11 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from common import BIN, RESULTS, table, tool_env
-from mnistflow import data, inference
+from mnistflow import data
 from mnistflow.config import DataConfig, TrackingConfig, preset_config
+from mnistflow.inference import batch as inference
 from mnistflow.lifecycle import registry
-from mnistflow.pipeline import train_run
+from mnistflow.runs.plain import train_run
 
 
 def registered_champion(folder: Path) -> str:

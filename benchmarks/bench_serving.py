@@ -35,9 +35,9 @@ from urllib3 import encode_multipart_formdata
 
 from common import BIN, RESULTS, background, free_port, table
 from mnistflow.config import DataConfig, TrackingConfig, preset_config
+from mnistflow.inference.preprocess import image_to_digit
 from mnistflow.lifecycle import registry
-from mnistflow.pipeline import train_run
-from mnistflow.preprocess import image_to_digit
+from mnistflow.runs.plain import train_run
 
 CONCURRENCY = (1, 16)
 # wrk reports what it measured from a Lua hook: one JSON line, latencies in microseconds.

@@ -34,10 +34,10 @@ import torch
 from common import RESULTS, mlflow_server, table
 from mnistflow import data
 from mnistflow.config import DataConfig, TrackingConfig, preset_config
+from mnistflow.engines.plain import evaluate, fit
 from mnistflow.lifecycle import networks as models
 from mnistflow.reporting import Reporter
 from mnistflow.tracking import TrackedRun
-from mnistflow.train import evaluate, fit
 
 
 class TestAccuracyWatch(Reporter):

@@ -69,8 +69,10 @@ from sklearn.pipeline import make_pipeline
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mnistflow import data, pipeline, promotion
+from mnistflow import data
 from mnistflow.config import DataConfig, TrackingConfig, preset_config
+from mnistflow.lifecycle import promotion
+from mnistflow.runs import plain
 
 # What would bury the read-backs: INFO lines (creating tables, "GPU available: False"),
 # download progress bars, and warnings about these libraries' own internals. MLflow's
@@ -575,7 +577,7 @@ except MlflowException as e:
 # `mlflow.validate_evaluation_results` accepts the challenger on two rules: its accuracy is at
 # least `min_accuracy`, and it is not worse than the champion, measured now on the same
 # images, by more than `margin`. Below, the real code: two training runs on small slices
-# (`pipeline.train_run`, what `mnistflow train` calls), each followed by
+# (`plain.train_run`, what `mnistflow train` calls), each followed by
 # `promotion.promote` (what `mnistflow promote` calls). The floor suits these one-epoch runs
 # on a few thousand images; the command's defaults, 0.99 and 0.002, suit a full one.
 
@@ -583,7 +585,7 @@ except MlflowException as e:
 # %%
 def train_and_register(limit_train: int, run_name: str) -> str:
     """One mnistflow training run on limit_train images, registered as tour-mnist."""
-    summary = pipeline.train_run(
+    summary = plain.train_run(
         DataConfig(limit_train=limit_train),
         preset_config("fast", epochs=1, precision="fp32"),
         TrackingConfig(
@@ -727,7 +729,7 @@ assert project_run.info.status == "FINISHED"
 # server that restarts or goes away, or a full disk, costs the training nothing; whatever
 # could not be copied when the command ends stays in the spool, and
 # `mnistflow sync` sends it later (`mnistflow sync --list` shows what waits). Every run above
-# made by `pipeline.train_run` went that way.
+# made by `plain.train_run` went that way.
 #
 # ```bash
 # mnistflow train --tracking-uri http://mlflow.example:5000   # trains even while the server is away

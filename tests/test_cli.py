@@ -149,9 +149,9 @@ def test_default_store_is_sqlite_in_the_working_directory(store: str, tmp_path: 
 @pytest.mark.parametrize(
     ("command", "stops", "words"),
     [
-        (["predict", "digits.npy"], "mnistflow.inference.collect",
+        (["predict", "digits.npy"], "mnistflow.inference.batch.collect",
          "prediction stopped; no model or tracking store was changed."),
-        (["promote"], "mnistflow.promotion.promote",
+        (["promote"], "mnistflow.lifecycle.promotion.promote",
          "@champion and @challenger moved only if the decision had been reached"),
         (["register", "0123abcd"], "mnistflow.lifecycle.registry.register",
          "registration may have stopped part-way"),

@@ -14,11 +14,13 @@ import torch
 from PIL import Image
 
 from conftest import MIRROR, run_cli
-from mnistflow import data, inference, preprocess
+from mnistflow import data
 from mnistflow.config import DataConfig, preset_config
+from mnistflow.engines.plain import evaluate, fit
+from mnistflow.inference import batch as inference
+from mnistflow.inference import preprocess
 from mnistflow.lifecycle import logged_models
 from mnistflow.lifecycle.export import onnx_probabilities
-from mnistflow.train import evaluate, fit
 
 
 def as_user_photo(digit: np.ndarray, size: int = 200, colour: bool = True) -> bytes:

@@ -21,8 +21,8 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from conftest import MNISTFLOW, run_cli, tool_env
-from mnistflow import data, promotion
-from mnistflow.lifecycle import registry
+from mnistflow import data
+from mnistflow.lifecycle import promotion, registry
 from mnistflow.servers import free_port, wait_until_up
 
 

@@ -16,11 +16,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import MNISTFLOW, free_port, run_cli
-from mnistflow import data, lightning_train
+from mnistflow import data
 from mnistflow.config import DataConfig
+from mnistflow.engines import lightning as lightning_train
+from mnistflow.engines.plain import evaluate
 from mnistflow.lifecycle import networks as models
-from mnistflow.pipeline import TrainSummary
-from mnistflow.train import evaluate
+from mnistflow.recording import TrainSummary
 
 LIMIT, EPOCHS = 2000, 2
 STEPS_PER_EPOCH = -(-LIMIT // 128)

@@ -29,8 +29,8 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from mnistflow import serving as serving_package
+from mnistflow.inference.preprocess import image_to_digit
 from mnistflow.lifecycle import pixels, registry
-from mnistflow.preprocess import image_to_digit
 from mnistflow.serving import ServeConfig, create_app
 from mnistflow.serving.model import ModelFollower, ServedModel
 

@@ -22,7 +22,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import MIRROR, run_cli
-from mnistflow import inference, spark_inference
+from mnistflow.inference import batch as inference
+from mnistflow.inference import spark as spark_inference
 
 IDX = MIRROR / "t10k-images-idx3-ubyte.gz"
 SPARK = ["--engine", "spark", "--master", "local[2]"]

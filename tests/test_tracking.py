@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 from conftest import FAST_ARGS, run_cli
 from mnistflow.config import MnistflowError, TrainConfig
 from mnistflow.data import DATASET_DIGEST
+from mnistflow.engines.plain import native_bf16, resolve
 from mnistflow.store.checks import check_reachable
 from mnistflow.store.experiments import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, use_experiment
-from mnistflow.train import native_bf16, resolve
 
 STEPS_PER_EPOCH = -(-2000 // 128)
 

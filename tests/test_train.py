@@ -11,9 +11,9 @@ import torch
 from conftest import MIRROR
 from mnistflow import data
 from mnistflow.config import DataConfig, MnistflowError, TrainConfig, preset_config, validate
+from mnistflow.engines.plain import augment, evaluate, fit, native_bf16, resolve
 from mnistflow.lifecycle import networks as models
 from mnistflow.reporting import Reporter
-from mnistflow.train import augment, evaluate, fit, native_bf16, resolve
 
 
 @pytest.fixture(scope="module")

@@ -374,7 +374,7 @@ def train(
     Exit code 0: the run is in its store; 75: it trained, but waits in the local spool for
     `mnistflow sync` (the store was away).
     """
-    from mnistflow.pipeline import train_run
+    from mnistflow.runs.plain import train_run
 
     if engine is Engine.plain and (devices > 1 or num_nodes > 1 or resume):
         flag = "--resume" if resume else "--devices" if devices > 1 else "--num-nodes"
@@ -402,9 +402,9 @@ def train(
     bar = ProgressBar(err)
     try:
         if engine is Engine.lightning:
-            from mnistflow import lightning_run
+            from mnistflow.runs import lightning
 
-            lightning_summary = lightning_run.train_run(
+            lightning_summary = lightning.train_run(
                 DataConfig(limit_train=limit_train),
                 train_config,
                 tracking_config,
@@ -490,7 +490,8 @@ def baseline(
 
     Exit code 75: the run waits in the local spool for `mnistflow sync`, as with train.
     """
-    from mnistflow.baseline import BaselineConfig, baseline_run
+    from mnistflow.engines.sklearn import BaselineConfig
+    from mnistflow.runs.baseline import baseline_run
 
     tracking_config = TrackingConfig(
         tracking_uri=tracking_uri,
@@ -674,7 +675,7 @@ def promote(
     as_json: JsonOut = False,
 ) -> None:
     """Evaluate @challenger against @champion on the test set; move @champion if it passes."""
-    from mnistflow.promotion import promote as run_promotion
+    from mnistflow.lifecycle.promotion import promote as run_promotion
     from mnistflow.store.checks import use_store
 
     uri = use_store(tracking_uri)
@@ -746,7 +747,7 @@ def predict(
     Exit code 0: all inputs classified; 3: some inputs could not be read (listed on stderr),
     the rest were classified.
     """
-    from mnistflow import inference
+    from mnistflow.inference import batch
 
     if engine is PredictEngine.spark:
         _predict_on_spark(
@@ -756,14 +757,14 @@ def predict(
     if master is not None or column is not None or env_manager is not EnvManager.local:
         raise MnistflowError("--master, --column and --env-manager apply to --engine spark only.")
     target = None if output is None else Path(output)
-    inference.check_output(target)  # before any work: a bad path must not cost a whole run
+    batch.check_output(target)  # before any work: a bad path must not cost a whole run
     use_store_of(model_uri, tracking_uri)
-    digits = inference.collect(Path(p) for p in inputs)
+    digits = batch.collect(Path(p) for p in inputs)
     for source, reason in digits.failures:
         err.print(f"[yellow]skipped[/] {escape(source)}: {escape(reason)}", soft_wrap=True)
     if not len(digits):
         raise MnistflowError("None of the inputs could be read as a digit.")
-    classifier, _ = inference.load_classifier(model_uri)
+    classifier, _ = batch.load_classifier(model_uri)
     with Progress(
         TextColumn("[bold]predict"),
         BarColumn(),
@@ -773,10 +774,10 @@ def predict(
         transient=True,
     ) as bar:
         task = bar.add_task("predict", total=len(digits))
-        labels, probabilities = inference.classify(
+        labels, probabilities = batch.classify(
             classifier, digits.all_pixels(), batch_size, lambda n: bar.advance(task, n)
         )
-    inference.write(inference.rows(digits, labels, probabilities), target)
+    batch.write(batch.rows(digits, labels, probabilities), target)
     known = digits.all_labels()
     summary = f"{len(digits)} digits classified with {model_uri}"
     if known is not None:
@@ -798,16 +799,14 @@ def _predict_on_spark(
     env_manager: EnvManager,
 ) -> None:
     """predict --engine spark: the same report and exit codes as the local path."""
-    from mnistflow import spark_inference
+    from mnistflow.inference import spark
 
-    if (missing := spark_inference.missing_requirements()) is not None:
+    if (missing := spark.missing_requirements()) is not None:
         raise MnistflowError(missing)
-    spark_inference.check_output(output)
+    spark.check_output(output)
     use_store_of(model_uri, tracking_uri)
     # Spark draws its own progress bar on stderr.
-    result = spark_inference.predict(
-        inputs, model_uri, output, master, column, env_manager.value, batch_size
-    )
+    result = spark.predict(inputs, model_uri, output, master, column, env_manager.value, batch_size)
     for source, reason in result.failures:
         err.print(f"[yellow]skipped[/] {escape(source)}: {escape(reason)}", soft_wrap=True)
     if result.failed > len(result.failures):

@@ -1,292 +1,21 @@
-"""The lifecycle stages put together: a tracked training run, and the whole job end to end."""
+"""The whole job: train and register, promote by evaluation, classify sample digits."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import tempfile
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
-
-from mnistflow import data, reports
+from mnistflow import data
 from mnistflow.config import (
     MODEL_NAME,
     DataConfig,
     TrackingConfig,
     TrainConfig,
-    as_dict,
-    validate,
 )
-from mnistflow.lifecycle import logged_models, registry
-from mnistflow.reporting import Reporter, Tee
-from mnistflow.store.uris import redact
-from mnistflow.tracking import TrackedRun
-from mnistflow.train import Evaluation, evaluate, fit, resolve
-
-# Test digits the ONNX export is checked on (against PyTorch) and logged as input examples.
-CHECK_IMAGES = 256
-
-
-@dataclass
-class TrainSummary:
-    """What a tracked training run produced; the CLI prints it, --json prints it as JSON."""
-
-    run_id: str
-    experiment_id: str
-    tracking_uri: str
-    artifact_uri: str
-    preset: str
-    device: str
-    test_accuracy: float
-    test_macro_f1: float
-    # Pure training time (the training loops only); total_seconds is the whole command.
-    train_seconds: float
-    total_seconds: float
-    model_uri: str  # the logged pyfunc
-    registered_model: str | None = None
-    registered_version: str | None = None
-    # True when the run is kept in the local spool for `mnistflow sync` (server away), and why.
-    spooled: bool = False
-    spool_reason: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def train_run(
-    data_config: DataConfig,
-    train_config: TrainConfig,
-    tracking_config: TrackingConfig,
-    progress: Reporter | None = None,
-    register_as: str | None = None,
-    splits: data.MnistSplits | None = None,
-) -> TrainSummary:
-    """Train on MNIST, evaluate on the test set, and record all of it (the models too) as
-    one MLflow run.
-
-    register_as: then register the served model under this name (it becomes @challenger).
-    splits: MNIST already loaded with data_config (else loaded here).
-    """
-    started = time.perf_counter()
-    validate(train_config)
-    splits = splits or data.load(data_config)
-    train_config = resolve(train_config)  # the device and precision really used
-    resolved = _resolved_config(data_config, train_config, tracking_config, splits)
-
-    with (
-        tempfile.TemporaryDirectory(prefix="mnistflow-") as tmp,
-        TrackedRun(tracking_config) as run,
-    ):
-        ask_registration(run, register_as)
-        workdir = Path(tmp)
-        _record_inputs(run, resolved, train_config, tracking_config, splits, workdir)
-        result = fit(
-            train_config, splits.train, splits.val, Tee(run, progress) if progress else run
-        )
-        outcome = record_outcome(
-            run, result.model, splits, resolved, workdir, result.step_losses, result.history,
-            result.train_seconds,
-        )  # fmt: skip
-        total = time.perf_counter() - started
-        run.log_metrics({"total_seconds": total})
-        summary = TrainSummary(
-            run_id=run.run_id,
-            experiment_id=run.experiment_id,
-            tracking_uri=run.tracking_uri,
-            artifact_uri=run.artifact_uri,
-            preset=train_config.preset,
-            device=train_config.device,
-            test_accuracy=outcome.test_accuracy,
-            test_macro_f1=outcome.test_macro_f1,
-            train_seconds=result.train_seconds,
-            total_seconds=total,
-            model_uri=outcome.models.model_uri,
-        )
-    return settle(run, summary, register_as, outcome.models.model_id)
-
-
-def ask_registration(run: TrackedRun, register_as: str | None) -> None:
-    """While the run is open: a spooled run registers on the server once it is copied."""
-    if run.spooled and register_as:
-        run.spooled.register_as(register_as)
-
-
-def settle(
-    run: TrackedRun, summary: TrainSummary, register_as: str | None, model_id: str
-) -> TrainSummary:
-    """After the run has ended: where it landed (the server, or the spool) and the version
-    register_as asked for (of the served model model_id)."""
-    if run.spooled:
-        # The server has the run only once the spool's copy is through (see spool.py).
-        copied = run.sync_result
-        summary.tracking_uri = run.tracking_uri
-        summary.spooled = not (copied and copied.complete)
-        summary.spool_reason = copied.error if copied and summary.spooled else None
-        if copied and copied.complete and copied.remote_run_id:
-            # What the user asked for: the server's run, artifacts and model.
-            summary.run_id = copied.remote_run_id
-            remote = registry.client_for(run.tracking_uri).get_run(copied.remote_run_id)
-            summary.experiment_id = remote.info.experiment_id
-            summary.artifact_uri = remote.info.artifact_uri
-            served = copied.models.get(summary.model_uri.removeprefix("models:/"))
-            summary.model_uri = f"models:/{served}" if served else summary.model_uri
-        elif copied and copied.remote_run_id:
-            summary.run_id = copied.remote_run_id
-        if register_as and copied and copied.registered_version:
-            summary.registered_model = register_as
-            summary.registered_version = copied.registered_version
-    elif register_as:
-        # After the run has ended: a version points at a finished run.
-        client = registry.client_for(summary.tracking_uri)
-        version = registry.register(client, summary.run_id, register_as, model_id)
-        summary.registered_model, summary.registered_version = register_as, str(version.version)
-    return summary
-
-
-# -- the stages of train_run -------------------------------------------------------------
-
-
-def _resolved_config(
-    data_config: DataConfig,
-    train_config: TrainConfig,
-    tracking_config: TrackingConfig,
-    splits: data.MnistSplits,
-) -> dict[str, Any]:
-    """Every value the run was made with, as logged (params and config.json)."""
-    return {
-        "train": as_dict(train_config),
-        "data": data_record(data_config, splits),
-        "tracking": tracking_record(tracking_config),
-    }
-
-
-def tracking_record(tracking_config: TrackingConfig) -> dict[str, Any]:
-    """The tracking part of a run's resolved config, whatever trains: config.json and the
-    checkpoint are readable by every account with READ, so the URI is kept without its
-    password."""
-    record = as_dict(tracking_config)
-    if record["tracking_uri"]:
-        record["tracking_uri"] = redact(record["tracking_uri"])
-    return record
-
-
-def data_record(data_config: DataConfig, splits: data.MnistSplits) -> dict[str, Any]:
-    """The data part of a run's resolved config, whatever trains (logged as data.*)."""
-    return {
-        **as_dict(data_config),
-        "source": splits.source,
-        "train_size": len(splits.train),
-        "val_size": len(splits.val),
-        "test_size": len(splits.test),
-    }
-
-
-def _record_inputs(
-    run: TrackedRun,
-    resolved: dict[str, Any],
-    train_config: TrainConfig,
-    tracking_config: TrackingConfig,
-    splits: data.MnistSplits,
-    workdir: Path,
-) -> None:
-    """Config, tags and dataset lineage, before any training."""
-    config_file = workdir / "config.json"
-    config_file.write_text(json.dumps(resolved, indent=2, default=str))
-    # First artifact before any training: an unwritable artifact store fails here, fast.
-    run.log_config(resolved, config_file)
-    run.set_tags(train_config.preset, train_config.device, tracking_config.tags)
-    run.log_datasets(splits)
-
-
-@dataclass
-class Outcome:
-    """What record_outcome logged: the headline test metrics and the logged models."""
-
-    test_accuracy: float
-    test_macro_f1: float
-    models: logged_models.LoggedModels
-
-
-def record_outcome(
-    run: TrackedRun,
-    model: nn.Module,
-    splits: data.MnistSplits,
-    resolved: dict[str, Any],
-    workdir: Path,
-    step_losses: Sequence[float],
-    history: Sequence[Mapping[str, float]],
-    train_seconds: float,
-    test_metrics: Mapping[str, float] | None = None,
-) -> Outcome:
-    """After training, whatever trained the network: test metrics, the models, the reports
-    and the weights, all into the active run.
-
-    test_metrics: test_accuracy and test_loss already computed elsewhere (the Lightning
-    engine's, reduced over all processes); else they come from evaluating model here.
-    """
-    test = evaluate(model, splits.test)
-    accuracy = test_metrics["test_accuracy"] if test_metrics else test.accuracy
-    logged = logged_models.log_torch_models(model, splits.test.images[:CHECK_IMAGES], workdir)
-    per_class = reports.per_class(splits.test.labels.numpy(), test.predictions.numpy())
-    final = {
-        "test_loss": test_metrics["test_loss"] if test_metrics else test.loss,
-        "test_macro_f1": per_class["macro avg"]["f1-score"],
-        **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
-        "train_seconds": train_seconds,
-        "onnx_max_abs_diff": logged.onnx_max_abs_diff,
-    }
-    run.log_results(accuracy, final, logged.model_id)
-    _log_reports(run, splits.test, test, step_losses, history, per_class, workdir)
-    _log_weights(run, resolved, model, workdir)
-    return Outcome(accuracy, final["test_macro_f1"], logged)
-
-
-def _log_reports(
-    run: TrackedRun,
-    test_split: data.Split,
-    test: Evaluation,
-    step_losses: Sequence[float],
-    history: Sequence[Mapping[str, float]],
-    per_class: dict[str, Any],
-    workdir: Path,
-) -> None:
-    """Per-class table, confusion matrix, misclassified digits, learning curves: reports/."""
-    labels, predictions = test_split.labels.numpy(), test.predictions.numpy()
-    folder = workdir / "reports"
-    folder.mkdir()
-    reports.write_per_class(per_class, folder)
-    reports.confusion_matrix_png(labels, predictions, folder / "confusion_matrix.png")
-    reports.misclassified_png(
-        test_split.images.numpy(),
-        labels,
-        predictions,
-        test.probabilities.numpy().astype(np.float64),
-        folder / "misclassified.png",
-    )
-    reports.learning_curves_png(step_losses, history, folder / "learning_curves.png")
-    run.log_folder(folder, "reports")
-
-
-def _log_weights(
-    run: TrackedRun, resolved: dict[str, Any], model: nn.Module, workdir: Path
-) -> None:
-    """The checkpoint, with what is needed to rebuild the network around the weights."""
-    weights = workdir / "model.pt"
-    torch.save(
-        {"arch": resolved["train"]["arch"], "config": resolved, "state_dict": model.state_dict()},
-        weights,
-    )
-    run.log_file(weights, "weights")
-
-
-# -- the whole job -----------------------------------------------------------------------
+from mnistflow.inference import batch
+from mnistflow.lifecycle import promotion
+from mnistflow.reporting import Reporter
+from mnistflow.runs.plain import train_run
 
 
 def write_sample_digits(test: data.Split, folder: Path, count: int = 10) -> list[int]:
@@ -314,8 +43,6 @@ def run_pipeline(
     progress: Reporter | None = None,
 ) -> dict[str, Any]:
     """The whole job: train and register, promote by evaluation, classify sample digits."""
-    from mnistflow import inference, promotion
-
     # Loaded (and verified) once, for training, the promotion's evaluation and the samples.
     splits = data.load(data_config)
     summary = train_run(
@@ -334,9 +61,9 @@ def run_pipeline(
         test=splits.test,
     )
     truth = write_sample_digits(splits.test, samples)
-    classifier, _ = inference.load_classifier(f"models:/{model_name}@champion")
-    digits = inference.collect([samples])
-    labels, _ = inference.classify(classifier, digits.all_pixels())
+    classifier, _ = batch.load_classifier(f"models:/{model_name}@champion")
+    digits = batch.collect([samples])
+    labels, _ = batch.classify(classifier, digits.all_pixels())
     return {
         "train": summary.as_dict(),
         "promotion": decision.as_dict(),

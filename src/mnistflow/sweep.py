@@ -534,10 +534,10 @@ def _objective(trial: optuna.Trial, job: WorkerJob, splits: MnistSplits) -> floa
     import optuna
     import torch
 
+    from mnistflow.engines.plain import fit, resolve
     from mnistflow.lifecycle import networks
     from mnistflow.reporting import Tee
     from mnistflow.tracking import TrackedRun, set_run_tags
-    from mnistflow.train import fit, resolve
 
     started = time.perf_counter()
     params = job.definition.space.suggest(trial)
@@ -847,9 +847,9 @@ def _finish_best(
     from optuna.trial import TrialState
 
     from mnistflow import data, reports
+    from mnistflow.engines.plain import evaluate
     from mnistflow.lifecycle import logged_models, networks
     from mnistflow.tracking import TrackedRun, download_artifact, get_run, set_run_tags
-    from mnistflow.train import evaluate
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:

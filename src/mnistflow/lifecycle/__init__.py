@@ -8,8 +8,10 @@
   files are copied into every logged model (python_model, code_paths), so their names and
   their imports (numpy, onnxruntime, MLflow only) are part of the model contract
 - registry.py: versions, aliases, champion history and rollback, through an explicit client
+- promotion.py: @champion moved only on evidence (mlflow.models.evaluate in runs of its own)
 
-Imports config and store only. Promotion is not here, though it is part of a model's life:
-it opens runs of its own through tracking, which sits above the spool, which imports the
-registry from here (mnistflow/promotion.py, above tracking).
+Imports config, store and data. Promotion lives here although it opens MLflow runs: they are
+its own (mlflow.start_run around mlflow.models.evaluate), not training runs, so it needs
+store.experiments, never tracking.py; that keeps this package below the spool, which imports
+the registry from here.
 """

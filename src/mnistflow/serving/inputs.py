@@ -16,8 +16,8 @@ import numpy as np
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mnistflow.inference.preprocess import image_to_digit
 from mnistflow.lifecycle.pixels import as_pixels
-from mnistflow.preprocess import image_to_digit
 from mnistflow.serving.errors import ApiError
 
 # The request formats of `mlflow models serve`; dataframe_records is left out because

@@ -28,8 +28,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from mnistflow.config import MnistflowError, TrainConfig
 from mnistflow.data import Split
+from mnistflow.engines.plain import augment, optimizer_and_schedule, resolve
 from mnistflow.reporting import Reporter
-from mnistflow.train import augment, optimizer_and_schedule, resolve
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 1, 28, 28) uint8, labels (B,) int64
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from mnistflow.config import MnistflowError
 from mnistflow.data import read_idx
+from mnistflow.inference.preprocess import ImageError, image_to_digit
 from mnistflow.lifecycle.pixels import PixelError, as_pixels
-from mnistflow.preprocess import ImageError, image_to_digit
 
 OUTPUT_SUFFIXES = (".csv", ".json")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -127,6 +127,7 @@ def load_classifier(model_uri: str, threads: int = 0) -> tuple[Any, dict[str, st
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    # Here, not at the top: it imports mlflow, which Spark's workers never need (__init__).
     from mnistflow.lifecycle import registry
 
     try:

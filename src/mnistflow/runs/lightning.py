@@ -29,7 +29,9 @@ from mlflow.tracking import MlflowClient
 
 from mnistflow import data
 from mnistflow.config import DataConfig, MnistflowError, TrackingConfig, TrainConfig, as_dict
-from mnistflow.pipeline import (
+from mnistflow.engines import lightning
+from mnistflow.engines.plain import resolve
+from mnistflow.recording import (
     TrainSummary,
     ask_registration,
     data_record,
@@ -40,7 +42,6 @@ from mnistflow.pipeline import (
 from mnistflow.reporting import Reporter
 from mnistflow.store.checks import check_reachable, resolve_tracking_uri
 from mnistflow.tracking import TrackedRun
-from mnistflow.train import resolve
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -73,13 +74,11 @@ def train_run(
     resume: the id of an interrupted Lightning run to continue (same run, same config).
     callbacks: extra Lightning callbacks (the tests interrupt a run with one).
     """
-    from mnistflow import lightning_train
-
     if devices < 1 or num_nodes < 1:
         raise MnistflowError("--devices and --num-nodes must be at least 1.")
     if resume and torch.distributed.is_torchelastic_launched():
         raise MnistflowError(NO_RESUME_HERE)
-    if lightning_train.process_rank(devices) != 0:
+    if lightning.process_rank(devices) != 0:
         _follow(data_config, train_config, devices, num_nodes, resume, callbacks)
         return None
 
@@ -103,8 +102,6 @@ def _rank_zero(
     tmp: Path,
 ) -> TrainSummary:
     """The process that records the run: everything train_run promises, tmp its scratch folder."""
-    from mnistflow import lightning_train
-
     started = time.perf_counter()
     checkpoint: Path | None = None
     if resume:
@@ -148,7 +145,7 @@ def _rank_zero(
             {**job, "checkpoint": str(checkpoint) if checkpoint else None}
         )
         try:
-            result = lightning_train.fit(
+            result = lightning.fit(
                 train_config,
                 splits.train,
                 splits.val,
@@ -205,8 +202,6 @@ def _follow(
     callbacks: Sequence[pl.Callback],
 ) -> None:
     """A non-zero rank: train and test alongside rank 0, and never touch an MLflow store."""
-    from mnistflow import lightning_train
-
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     mlflow.set_tracking_uri(NO_STORE)
     checkpoint = None
@@ -221,7 +216,7 @@ def _follow(
         raise MnistflowError(NO_RESUME_HERE)
     splits = data.load(data_config)
     with tempfile.TemporaryDirectory(prefix="mnistflow-rank-") as tmp:
-        lightning_train.fit(
+        lightning.fit(
             train_config,
             splits.train,
             splits.val,

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd  # at run time: pandas_udf reads the functions' type hints
 
-from mnistflow import inference
 from mnistflow.config import MnistflowError
+from mnistflow.inference import batch
+from mnistflow.inference.preprocess import ImageError, image_to_digit
 from mnistflow.lifecycle.pixels import PixelError, as_pixels
-from mnistflow.preprocess import ImageError, image_to_digit
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -81,6 +81,7 @@ def pin_model(model_uri: str) -> PinnedModel:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    # Here, not at the top: it imports mlflow, which Spark's workers never need (__init__).
     from mnistflow.lifecycle import registry
 
     ref = registry.parse_registry_uri(model_uri)
@@ -171,17 +172,17 @@ def _kind(path: str) -> str:
     """'arrays' (read on the driver, as the local path reads them), 'parquet' or 'images'."""
     local = Path(path)
     if not _has_scheme(path):
-        if local.suffix == ".npy" or inference.is_idx(local):
+        if local.suffix == ".npy" or batch.is_idx(local):
             return "arrays"
         if local.is_dir():
             files = [p for p in local.rglob("*") if p.is_file()]
             if any(p.suffix == PARQUET_SUFFIX for p in files) and not any(
-                p.suffix.lower() in inference.IMAGE_SUFFIXES for p in files
+                p.suffix.lower() in batch.IMAGE_SUFFIXES for p in files
             ):
                 return "parquet"
         elif not local.exists() and not _is_glob(path):
             raise MnistflowError(f"{path} does not exist.")
-    elif path.endswith(".npy") or inference.is_idx(Path(path)):
+    elif path.endswith(".npy") or batch.is_idx(Path(path)):
         raise MnistflowError(
             f"{path}: .npy and IDX inputs are read by the driver, from a local path; "
             "put large inputs in Parquet for Spark to read."
@@ -216,10 +217,10 @@ def _read_images(spark: SparkSession, path: str) -> DataFrame:
     reader = spark.read.format("binaryFile")
     folder = not _has_scheme(path) and Path(path).is_dir()
     if folder:
-        images = [p for p in Path(path).rglob("*") if p.suffix.lower() in inference.IMAGE_SUFFIXES]
+        images = [p for p in Path(path).rglob("*") if p.suffix.lower() in batch.IMAGE_SUFFIXES]
         if not images:
             raise MnistflowError(
-                f"Folder {path} holds no images ({', '.join(sorted(inference.IMAGE_SUFFIXES))})."
+                f"Folder {path} holds no images ({', '.join(sorted(batch.IMAGE_SUFFIXES))})."
             )
     # A folder holds other files too; a file or glob named by the user is read as given.
     whole_folder = folder or (_has_scheme(path) and not _is_glob(path))
@@ -227,7 +228,7 @@ def _read_images(spark: SparkSession, path: str) -> DataFrame:
         reader = reader.option("recursiveFileLookup", "true")
     df = reader.load(path)
     if whole_folder:
-        suffixes = "|".join(s.lstrip(".") for s in sorted(inference.IMAGE_SUFFIXES))
+        suffixes = "|".join(s.lstrip(".") for s in sorted(batch.IMAGE_SUFFIXES))
         df = df.filter(F.lower(F.col("path")).rlike(rf"\.({suffixes})$"))
     _, prepare_images = _udfs()
     return _selected(df, F.col("path"), prepare_images, F.col("content"), F.lit(None))
@@ -286,7 +287,7 @@ def _read_arrays(spark: SparkSession, paths: list[str]) -> DataFrame:
     import pyarrow as pa
     from pyspark.sql import functions as F
 
-    digits = inference.collect(Path(p) for p in paths)
+    digits = batch.collect(Path(p) for p in paths)
     pixels = digits.all_pixels().reshape(-1, PIXELS)
     offsets = pa.array(np.arange(0, pixels.size + 1, PIXELS, dtype=np.int32))
     known = digits.all_labels()
@@ -364,7 +365,7 @@ def scored(
 
 
 def check_output(output: str | None) -> None:
-    """Refuse an output that cannot be written, before any work (see inference.check_output);
+    """Refuse an output that cannot be written, before any work (see batch.check_output);
     a Parquet folder must not exist yet: Spark would refuse it after the model is loaded."""
     if output is None or not output.rstrip("/").endswith(PARQUET_SUFFIX):
         if output is not None and _has_scheme(output):
@@ -373,7 +374,7 @@ def check_output(output: str | None) -> None:
                 "(a name ending in .parquet)."
             )
         try:
-            inference.check_output(None if output is None else Path(output))
+            batch.check_output(None if output is None else Path(output))
         except MnistflowError as e:
             raise MnistflowError(
                 str(e).replace("in .csv or .json", "in .parquet, .csv or .json")
@@ -444,7 +445,7 @@ def predict(
             collected = [r.asDict() for r in rows.collect()]
             if not any(r["true_label"] is not None for r in collected):
                 collected = [{k: v for k, v in r.items() if k != "true_label"} for r in collected]
-            inference.write(collected, None if output is None else Path(output))
+            batch.write(collected, None if output is None else Path(output))
             return _summary_of_rows(collected, model, used)
         return _summary(written, model, used)
     except (PySparkException, Py4JJavaError) as e:

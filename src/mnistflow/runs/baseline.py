@@ -1,0 +1,131 @@
+"""The scikit-learn baseline's run (engines.sklearn), recorded like a CNN run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mnistflow import data, reports
+from mnistflow.config import DataConfig, TrackingConfig, as_dict
+from mnistflow.engines.sklearn import (
+    PRESET,
+    BaselineConfig,
+    build_pipeline,
+    flat,
+    sklearn_autolog,
+    to_onnx,
+)
+from mnistflow.lifecycle import logged_models
+from mnistflow.recording import (
+    TrainSummary,
+    ask_registration,
+    data_record,
+    settle,
+    tracking_record,
+)
+from mnistflow.tracking import TrackedRun
+
+
+def baseline_run(
+    data_config: DataConfig,
+    baseline_config: BaselineConfig,
+    tracking_config: TrackingConfig,
+    register_as: str | None = None,
+) -> TrainSummary:
+    """Fit the baseline under autolog and record it as one MLflow run, like a CNN run.
+
+    register_as: then register the served model under this name (it becomes @challenger).
+    """
+    from sklearn.metrics import accuracy_score, log_loss
+
+    baseline_config.validate()
+    started = time.perf_counter()
+    splits = data.load(data_config)
+    resolved = {
+        "train": {"preset": PRESET, "trainer": "scikit-learn", **as_dict(baseline_config)},
+        "data": data_record(data_config, splits),
+        "tracking": tracking_record(tracking_config),
+    }
+    description = tracking_config.description or (
+        "scikit-learn baseline (min-max scaling, PCA, logistic regression) under "
+        "mlflow.sklearn.autolog()."
+    )
+    tracking_config = dataclasses.replace(tracking_config, description=description)
+    x_train, y_train = flat(splits.train.images.numpy()), splits.train.labels.numpy()
+    pipeline = build_pipeline(baseline_config)
+
+    with (
+        tempfile.TemporaryDirectory(prefix="mnistflow-") as tmp,
+        TrackedRun(tracking_config) as run,
+    ):
+        ask_registration(run, register_as)
+        out = Path(tmp)
+        config_file = out / "config.json"
+        config_file.write_text(json.dumps(resolved, indent=2, default=str))
+        run.log_config(resolved, config_file)
+        run.set_tags(PRESET, "cpu", {"trainer": "scikit-learn", **tracking_config.tags})
+        run.log_datasets(splits)
+
+        fit_started = time.perf_counter()
+        with sklearn_autolog() as timer:
+            pipeline.fit(x_train, y_train)
+        fit_ended = time.perf_counter()
+        train_seconds = (timer.fitted_at or fit_ended) - fit_started
+
+        val_probabilities = pipeline.predict_proba(flat(splits.val.images.numpy()))
+        val_labels = splits.val.labels.numpy()
+        test_images = splits.test.images.numpy()
+        labels = splits.test.labels.numpy()
+        probabilities = pipeline.predict_proba(flat(test_images))  # (N, 10) float64
+        predictions = probabilities.argmax(1)
+        per_class = reports.per_class(labels, predictions)
+        test_accuracy = float(accuracy_score(labels, predictions))
+        final = {
+            "val_accuracy": float(accuracy_score(val_labels, val_probabilities.argmax(1))),
+            "val_loss": float(log_loss(val_labels, val_probabilities, labels=reports.DIGITS)),
+            "test_loss": float(log_loss(labels, probabilities, labels=reports.DIGITS)),
+            "test_macro_f1": per_class["macro avg"]["f1-score"],
+            **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
+            "train_seconds": train_seconds,
+            # What autolog spent after fitting: the model, training metrics and plots.
+            "autolog_seconds": fit_ended - fit_started - train_seconds,
+        }
+
+        check_pixels = test_images[:256].astype(np.float32)  # (256, 1, 28, 28) 0-255
+        onnx_path = to_onnx(pipeline, out / "model.onnx")
+        model_uri, model_id, max_diff = logged_models.log_served_model(
+            onnx_path, check_pixels, probabilities[:256]
+        )
+        final["onnx_max_abs_diff"] = max_diff
+        run.log_results(test_accuracy, final, model_id)
+
+        report_dir = out / "reports"
+        report_dir.mkdir()
+        reports.write_per_class(per_class, report_dir)
+        reports.confusion_matrix_png(labels, predictions, report_dir / "confusion_matrix.png")
+        reports.misclassified_png(
+            test_images, labels, predictions, probabilities, report_dir / "misclassified.png"
+        )
+        run.log_folder(report_dir, "reports")
+
+        total = time.perf_counter() - started
+        run.log_metrics({"total_seconds": total})
+        summary = TrainSummary(
+            run_id=run.run_id,
+            experiment_id=run.experiment_id,
+            tracking_uri=run.tracking_uri,
+            artifact_uri=run.artifact_uri,
+            preset=PRESET,
+            device="cpu",
+            test_accuracy=test_accuracy,
+            test_macro_f1=final["test_macro_f1"],
+            train_seconds=train_seconds,
+            total_seconds=total,
+            model_uri=model_uri,
+        )
+    return settle(run, summary, register_as, model_id)
