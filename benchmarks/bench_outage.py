@@ -29,7 +29,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from common import BIN, RESULTS, table, tool_env
-from mnistflow import servers
+from mnistflow.stack import servers
 
 
 class Server:

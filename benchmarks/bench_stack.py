@@ -1,6 +1,6 @@
 """The team stack against the embedded store: the fast preset's `mnistflow train`, once
 against sqlite in a temporary folder and once against PostgreSQL + S3 + an MLflow server
-with logins (mnistflow.stack, the tests' stack), interleaved, medians compared.
+with logins (mnistflow.stack.team, the tests' stack), interleaved, medians compared.
 
 Three times per run: training (the training loops only, as the command reports it), the
 whole command (invoked in-process through its Typer entry point, so interpreter start and
@@ -31,7 +31,7 @@ from common import RESULTS, table
 from mnistflow import tracking
 from mnistflow.cli import app
 from mnistflow.lifecycle import registry
-from mnistflow.stack import client_free_env, team_stack
+from mnistflow.stack.team import client_free_env, team_stack
 
 
 class UploadClock:

@@ -32,7 +32,9 @@ import optuna
 
 from common import RESULTS, table
 from mnistflow.config import TrackingConfig
-from mnistflow.sweep import SweepConfig, SweepDefinition, open_storage, run_sweep
+from mnistflow.sweep.definition import SweepConfig, SweepDefinition
+from mnistflow.sweep.storage import open_storage
+from mnistflow.sweep.study import run_sweep
 
 
 @contextlib.contextmanager

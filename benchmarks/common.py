@@ -10,8 +10,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from mnistflow import servers
-from mnistflow.servers import free_port
+from mnistflow.stack import servers
+from mnistflow.stack.servers import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BIN = Path(sys.executable).parent

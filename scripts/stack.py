@@ -12,7 +12,7 @@ import signal
 import tempfile
 from pathlib import Path
 
-from mnistflow.stack import team_stack
+from mnistflow.stack.team import team_stack
 
 
 def main() -> None:

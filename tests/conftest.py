@@ -19,12 +19,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from mnistflow import servers
 from mnistflow.cli import app
 from mnistflow.lifecycle import registry
-from mnistflow.servers import free_port as free_port
-from mnistflow.servers import wait_until_up as wait_until_up
 from mnistflow.spool import targets
+from mnistflow.stack import servers
+from mnistflow.stack.servers import free_port as free_port
+from mnistflow.stack.servers import wait_until_up as wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("MNISTFLOW_MNIST_MIRROR") or ROOT.parent / "shared" / "mnist")
@@ -190,7 +190,7 @@ WRITER, READER = "alice", "bob"
 @pytest.fixture(scope="session")
 def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One team stack for the session, with a writer (alice) and a read-only user (bob)."""
-    from mnistflow import stack
+    from mnistflow.stack import team as stack
 
     with stack.team_stack(tmp_path_factory.mktemp("team-stack")) as running:
         running.add_user(WRITER, "alice-password-1")
@@ -200,7 +200,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 def user_env(team: Any, user: str | None, password: str | None = None) -> dict[str, str]:
     """A client's whole environment: the tracking URI and a login, no bucket credentials."""
-    from mnistflow.stack import client_free_env
+    from mnistflow.stack.team import client_free_env
 
     env = {**client_free_env(tool_env()), **team.client_env(user)}
     if password is not None:

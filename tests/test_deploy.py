@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from mnistflow.stack import tracking_server_args
+from mnistflow.stack.team import tracking_server_args
 
 DEPLOY = ROOT / "deploy"
 COMPOSE = shutil.which("docker-compose")

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from conftest import MNISTFLOW, run_cli, tool_env
 from mnistflow import data
 from mnistflow.lifecycle import promotion, registry
-from mnistflow.servers import free_port, wait_until_up
+from mnistflow.stack.servers import free_port, wait_until_up
 
 
 @pytest.fixture

@@ -109,7 +109,7 @@ def command(env: dict[str, str], folder: Path, *args: str) -> subprocess.Complet
 def commands(team: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Train (login in the URI, then in the environment), sweep (database password in the
     storage URL), and train while the server is away then sync; every command's output."""
-    from mnistflow import stack
+    from mnistflow.stack import team as stack
 
     team.add_user(USER, PASSWORD)
     folder = tmp_path_factory.mktemp("secrets")

@@ -23,9 +23,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_ARGS, MNISTFLOW, free_port, run_cli
-from mnistflow import servers
 from mnistflow.lifecycle import registry
 from mnistflow.spool import sync, targets
+from mnistflow.stack import servers
 from mnistflow.store import checks
 from spool_faults import StallingProxy
 

@@ -18,10 +18,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import MNISTFLOW, run_cli
-from mnistflow import servers, sweep
 from mnistflow.config import preset_config
 from mnistflow.lifecycle import networks as models
 from mnistflow.lifecycle import registry
+from mnistflow.stack import servers
+from mnistflow.sweep.definition import SweepDefinition
+from mnistflow.sweep.storage import DEFAULT_STORAGE, open_storage
 
 SLICE = ["--limit-train", "1000", "--epochs", "2"]
 # Only the learning rate is searched: the enqueued trials below then fix every trial's recipe.
@@ -30,7 +32,7 @@ LRS = (0.01, 0.005, 0.01, 1e-5)
 
 
 def journal(path: Path) -> optuna.storages.BaseStorage:
-    return sweep.open_storage(str(path))
+    return open_storage(str(path))
 
 
 def children(client: MlflowClient, parent: dict[str, Any]) -> list[Any]:
@@ -187,7 +189,7 @@ def test_bad_space_files_get_one_sentence(tmp_path, monkeypatch, text, message):
     assert message.format(space) in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr
     # Refused before anything was created.
-    assert not (tmp_path / "m.db").exists() and not (tmp_path / sweep.DEFAULT_STORAGE).exists()
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / DEFAULT_STORAGE).exists()
 
 
 def test_width_is_refused_for_networks_without_it(tmp_path, monkeypatch):
@@ -199,11 +201,11 @@ def test_width_is_refused_for_networks_without_it(tmp_path, monkeypatch):
 def test_trials_get_an_epoch_to_prune_at_unless_told_otherwise():
     # The fast preset trains one epoch; a pruner needs one before the last to decide at.
     assert preset_config("fast").epochs == 1
-    assert sweep.SweepDefinition().trial_epochs() == 2
-    assert sweep.SweepDefinition(pruner="none").trial_epochs() == 1
-    assert sweep.SweepDefinition(epochs=1).trial_epochs() == 1
-    assert sweep.SweepDefinition(preset="quality").trial_epochs() == 20
-    assert sweep.SweepDefinition().base_config().epochs == 2
+    assert SweepDefinition().trial_epochs() == 2
+    assert SweepDefinition(pruner="none").trial_epochs() == 1
+    assert SweepDefinition(epochs=1).trial_epochs() == 1
+    assert SweepDefinition(preset="quality").trial_epochs() == 20
+    assert SweepDefinition().base_config().epochs == 2
 
 
 def test_fast_net_default_width_is_the_preset_network():

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import MNISTFLOW, READER, WRITER, as_user, free_port, run_cli, user_env
 from mnistflow.lifecycle import registry
-from mnistflow.stack import TeamStack
+from mnistflow.stack.team import TeamStack
 from mnistflow.store import remote
 
 pytestmark = [pytest.mark.stack, pytest.mark.server, pytest.mark.slow]

@@ -14,8 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import WRITER, as_user, run_cli
-from mnistflow import servers
-from mnistflow.stack import TeamStack, team_stack
+from mnistflow.stack import servers
+from mnistflow.stack.team import TeamStack, team_stack
 
 pytestmark = [pytest.mark.stack, pytest.mark.server, pytest.mark.slow]
 TRAIN = ["train", "--limit-train", "300", "--epochs", "1", "--no-system-metrics", "--json"]

@@ -909,7 +909,7 @@ def doctor(
     ] = "mnist",
 ) -> None:
     """Check the tracking setup: server and version, login for reading and writing, artifacts."""
-    from mnistflow.doctor import run_checks
+    from mnistflow.stack.doctor import run_checks
     from mnistflow.store.checks import resolve_tracking_uri
 
     checks = run_checks(resolve_tracking_uri(tracking_uri), experiment)
@@ -1049,19 +1049,21 @@ def sweep(
     --preset, --epochs, --limit-train, --space and --pruner are stored with a new study;
     commands that join it may leave them out.
     """
-    from mnistflow import sweep as sweeps
+    from mnistflow.sweep.definition import SweepConfig, SweepDefinition
+    from mnistflow.sweep.space import SearchSpace, load_space
+    from mnistflow.sweep.study import run_sweep
 
     given = (preset, epochs, limit_train, space, pruner)
     definition = None
     if any(value is not None for value in given):
-        definition = sweeps.SweepDefinition(
+        definition = SweepDefinition(
             preset=preset.value if preset is not None else "fast",
             epochs=epochs,
             limit_train=limit_train,
-            space=sweeps.load_space(space) if space is not None else sweeps.SearchSpace(),
+            space=load_space(space) if space is not None else SearchSpace(),
             pruner=pruner or "median",  # type: ignore[arg-type]
         )
-    config = sweeps.SweepConfig(
+    config = SweepConfig(
         study=study,
         storage=storage,
         trials=trials,
@@ -1077,7 +1079,7 @@ def sweep(
         description=f"Optuna study {study}: one child run per trial.",
         system_metrics=system_metrics,
     )
-    summary = sweeps.run_sweep(config, tracking_config)
+    summary = run_sweep(config, tracking_config)
     result = summary.as_dict()
     if as_json:
         print_result(result, True, "")

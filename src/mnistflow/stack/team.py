@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mnistflow import servers
+from mnistflow.stack import servers
 
 BUCKET = "mlflow"
 ADMIN = "admin"
