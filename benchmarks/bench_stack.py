@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 
 from common import RESULTS, table
 from mnistflow import tracking
-from mnistflow.cli import app
+from mnistflow.cli.app import app
 from mnistflow.lifecycle import registry
 from mnistflow.stack.team import client_free_env, team_stack
 

@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from mnistflow.cli import app
+from mnistflow.cli.app import app
 from mnistflow.lifecycle import registry
 from mnistflow.spool import targets
 from mnistflow.stack import servers

@@ -27,7 +27,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import MNISTFLOW, ROOT, as_user, free_port, run_cli, tool_env
-from mnistflow.cli import KEPT_IN_SPOOL
+from mnistflow.cli.output import KEPT_IN_SPOOL
 from mnistflow.config import TrackingConfig
 from mnistflow.recording import tracking_record
 from mnistflow.store import remote

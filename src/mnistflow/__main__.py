@@ -1,5 +1,5 @@
 """`python -m mnistflow` runs the command-line program."""
 
-from mnistflow.cli import app
+from mnistflow.cli.app import app
 
 app()
