@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 
 Device = Literal["auto", "cpu", "cuda"]
 # The arithmetic of training: bf16 mixed precision (weights, optimiser and loss stay float32)
-# or plain float32; auto picks bf16 where the hardware runs it natively (see train.py).
+# or plain float32; auto picks bf16 where the hardware runs it natively (see engines/plain.py).
 Precision = Literal["auto", "bf16", "fp32"]
 
 # The registered model's default name, and its aliases: @champion is served, a new

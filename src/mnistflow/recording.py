@@ -70,7 +70,7 @@ def settle(
     """After the run has ended: where it landed (the server, or the spool) and the version
     register_as asked for (of the served model model_id)."""
     if run.spooled:
-        # The server has the run only once the spool's copy is through (see spool.py).
+        # The server has the run only once the spool's copy is through (see spool/).
         copied = run.sync_result
         summary.tracking_uri = run.tracking_uri
         summary.spooled = not (copied and copied.complete)

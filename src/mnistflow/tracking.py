@@ -8,7 +8,7 @@
 Before a run starts, the store is checked (store.checks.use_store) and the experiment marked
 as model training for the MLflow UI (store.experiments.use_experiment).
 
-Per-step metrics arrive in blocks (see train.fit) and go to the store in one log_batch
+Per-step metrics arrive in blocks (see engines.plain.fit) and go to the store in one log_batch
 call per block; with async logging that call only enqueues, so training never waits on the
 store. Leaving the context flushes the queue and ends the run FINISHED, KILLED (Ctrl-C)
 or FAILED.
@@ -118,7 +118,7 @@ class TrackedRun(Reporter):
         # logged there directly, not spooled.
         nested = self.config.parent_run_id or self.config.resume_run_id
         if spools(self.tracking_uri) and not nested:
-            # Training writes only to the local spool; the store gets a copy (spool.py).
+            # Training writes only to the local spool; the store gets a copy (spool/).
             self.spooled = Session(self.tracking_uri, self.config.require_server)
             # The run an MLflow Project started on the server is the one the copy completes;
             # the spool's run is a new one in the spool store.

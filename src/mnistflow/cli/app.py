@@ -51,6 +51,7 @@ def friendly_errors(command: F | None = None, *, interrupted: str = STOPPED) -> 
             try:
                 return command(*args, **kwargs)
             except MnistflowError as e:
+                # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
                 from mnistflow.tracking import fail_project_run
 
                 # A tracking server's 401/403/5xx behind it says more than the wrapping
@@ -81,6 +82,7 @@ def friendly_errors(command: F | None = None, *, interrupted: str = STOPPED) -> 
 def _refusal(error: BaseException, answered_only: bool = False) -> str | None:
     """One sentence when error comes from a tracking server's 401, 403 or 5xx (or, unless
     answered_only, a request it broke off), else None."""
+    # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
     import mlflow
 
     from mnistflow.store import remote

@@ -20,6 +20,7 @@ def register(
     as_json: JsonOut = False,
 ) -> None:
     """Register a finished run's model as a new version (it gets @challenger)."""
+    # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
     from mnistflow.lifecycle import registry
     from mnistflow.store.checks import use_store
 
@@ -35,6 +36,7 @@ def rollback(
     as_json: JsonOut = False,
 ) -> None:
     """Move @champion back to the previous champion."""
+    # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
     from mnistflow.lifecycle import registry
     from mnistflow.store.checks import use_store
 
@@ -78,6 +80,7 @@ def promote(
     as_json: JsonOut = False,
 ) -> None:
     """Evaluate @challenger against @champion on the test set; move @champion if it passes."""
+    # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
     from mnistflow.lifecycle.promotion import promote as run_promotion
     from mnistflow.store.checks import use_store
 

@@ -17,6 +17,7 @@ from mnistflow.config import MODEL_NAME, MnistflowError
 def use_store_of(model_uri: str, tracking_uri: str | None) -> None:
     """Point MLflow at the store a model URI needs (models:/, runs:/), refusing one that does
     not exist; a model given by path needs no store."""
+    # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
     from mnistflow.store.checks import resolve_tracking_uri, use_store
 
     if model_uri.startswith(("models:/", "runs:/")):
@@ -52,6 +53,7 @@ def serve(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Serve the model over HTTP: predict endpoints, health, metrics, a draw-a-digit page."""
+    # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
     from mnistflow.serving import ServeConfig, run
 
     use_store_of(model_uri, tracking_uri)
@@ -127,6 +129,7 @@ def predict(
     Exit code 0: all inputs classified; 3: some inputs could not be read (listed on stderr),
     the rest were classified.
     """
+    # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
     from mnistflow.inference import batch
 
     if engine is PredictEngine.spark:
@@ -179,6 +182,7 @@ def _predict_on_spark(
     env_manager: EnvManager,
 ) -> None:
     """predict --engine spark: the same report and exit codes as the local path."""
+    # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
     from mnistflow.inference import spark
 
     if (missing := spark.missing_requirements()) is not None:

@@ -19,6 +19,7 @@ def ui(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
 ) -> None:
     """Open the MLflow UI on the same store the runs went to."""
+    # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
     from mnistflow.store.checks import resolve_tracking_uri, use_store
     from mnistflow.store.uris import sqlite_path
 
@@ -44,6 +45,7 @@ def doctor(
     ] = "mnist",
 ) -> None:
     """Check the tracking setup: server and version, login for reading and writing, artifacts."""
+    # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
     from mnistflow.stack.doctor import run_checks
     from mnistflow.store.checks import resolve_tracking_uri
 

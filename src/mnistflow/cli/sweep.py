@@ -74,6 +74,7 @@ def sweep(
     --preset, --epochs, --limit-train, --space and --pruner are stored with a new study;
     commands that join it may leave them out.
     """
+    # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
     from mnistflow.sweep.definition import SweepConfig, SweepDefinition
     from mnistflow.sweep.space import SearchSpace, load_space
     from mnistflow.sweep.study import run_sweep

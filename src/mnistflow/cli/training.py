@@ -113,6 +113,7 @@ def train(
     Exit code 0: the run is in its store; 75: it trained, but waits in the local spool for
     `mnistflow sync` (the store was away).
     """
+    # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
     from mnistflow.runs.plain import train_run
 
     if engine is Engine.plain and (devices > 1 or num_nodes > 1 or resume):
@@ -141,6 +142,7 @@ def train(
     bar = ProgressBar(err)
     try:
         if engine is Engine.lightning:
+            # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
             from mnistflow.runs import lightning
 
             lightning_summary = lightning.train_run(
@@ -175,6 +177,7 @@ def say_where(summary: Any, as_json: bool, also: str = "") -> None:
     (and also, when given) and exits KEPT_IN_SPOOL, so a script can tell it from a run in
     its store."""
     if summary.spooled:
+        # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
         from mnistflow.store import remote
 
         reason = redact(
@@ -216,6 +219,7 @@ def baseline(
 
     Exit code 75: the run waits in the local spool for `mnistflow sync`, as with train.
     """
+    # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
     from mnistflow.engines.sklearn import BaselineConfig
     from mnistflow.runs.baseline import baseline_run
 
@@ -258,6 +262,7 @@ def pipeline(
 
     Exit code 75: the run waits in the local spool for `mnistflow sync`; nothing was promoted.
     """
+    # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
     from mnistflow.pipeline import run_pipeline
 
     train_config = preset_config(
@@ -322,6 +327,7 @@ def sync(
     process died is sent with what it had logged and ended FAILED. Exit code 1: some runs
     still wait.
     """
+    # Imported here: keeps torch and MLflow out of `mnistflow --help`'s start-up.
     from mnistflow.spool import targets
     from mnistflow.spool.sync import pending
     from mnistflow.spool.sync import sync as send_waiting

@@ -29,6 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mnistflow.config import MnistflowError, TrainConfig
 from mnistflow.data import Split
 from mnistflow.engines.plain import augment, optimizer_and_schedule, resolve
+from mnistflow.lifecycle import networks
 from mnistflow.reporting import Reporter
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, 1, 28, 28) uint8, labels (B,) int64
@@ -345,8 +346,6 @@ def fit(
     resume_from: a Lightning checkpoint to continue from (epochs, steps, optimiser, schedule).
     before_test: called between fit and test (e.g. to stop autologging before the test).
     """
-    from mnistflow.lifecycle import networks
-
     config = resolve(config)
     torch.manual_seed(config.seed)
     network = networks.build(config.arch)

@@ -149,7 +149,7 @@ def log_torch_models(network: nn.Module, check_images: torch.Tensor, workdir: Pa
     check_images: (N, 1, 28, 28) uint8 digits to confirm the ONNX export agrees with PyTorch
     and to serve as input examples.
     """
-    # Imported here: the server and the registry commands never need torch.
+    # Imported here: the server and the registry commands never need torch (nor export's).
     import torch
 
     from mnistflow.lifecycle import export

@@ -3,7 +3,7 @@
 Rank 0 starts our run first (TrackedRun: config, tags, datasets), turns on
 `mlflow.pytorch.autolog`, which logs into that active run (params such as epochs and the
 optimiser's settings, per-step and per-epoch metrics, the model summary), and after training
-adds the test metrics, the served `model`, reports and weights (pipeline.record_outcome).
+adds the test metrics, the served `model`, reports and weights (recording.record_outcome).
 
 Under DDP only rank 0 talks to MLflow. Lightning's launcher starts the other local processes
 by running the same command again; they find their config (and the checkpoint to resume

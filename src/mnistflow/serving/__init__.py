@@ -6,6 +6,9 @@
 Endpoints: POST /predict (JSON pixels or image uploads), POST /invocations (the protocol
 of `mlflow models serve`), GET /health, /ready, /version, /metrics, /docs, and the
 draw-a-digit page at /.
+
+Imports config, store (the tracking URI), lifecycle (the registry, the pixel check) and
+inference.preprocess; cli/ above starts it. It needs no training code and no tracking.py.
 """
 
 from mnistflow.serving.app import create_app

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 class PruningReporter(Reporter):
     """Hands each epoch's validation accuracy to Optuna and ends the trial when its pruner
-    says so (TrialPruned propagates out of train.fit)."""
+    says so (TrialPruned propagates out of engines.plain.fit)."""
 
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
