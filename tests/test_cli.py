@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import FAST_ARGS, MNISTFLOW, free_port, tool_env, wait_until_up
 from mnistflow import data
+from mnistflow.spool.targets import spool_uri
 
 
 def assert_one_clear_error(result, code: int, *phrases: str) -> None:
@@ -71,23 +72,24 @@ def test_missing_data_without_network(store: str, tmp_path: Path, cli, monkeypat
 
 
 def test_ctrl_c_ends_the_run_as_killed_and_keeps_what_was_logged(store: str, spawn):
+    # Many short epochs: Ctrl-C lands mid-training even when this machine is busy.
+    limit = 3000  # 23 steps an epoch
+    train = ["train", "--epochs", "40", "--limit-train", str(limit), "--tracking-uri", store]
     proc = spawn(
-        [*MNISTFLOW, "train", "--limit-train", "20000", "--epochs", "5", "--tracking-uri", store],
+        [*MNISTFLOW, *train],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    client = MlflowClient(store)
+    # The run is written to the spool first (the store gets it within seconds): the first
+    # epoch is seen there, then Ctrl-C is pressed.
+    spooled = MlflowClient(spool_uri(Path(os.environ["MNISTFLOW_SPOOL_DIR"])))
     # Generous: on a busy machine the child's start and first epoch take minutes.
     deadline = time.monotonic() + 600
-    run_id = None
-    # Wait until the first epoch's metrics are in the store, then press Ctrl-C.
-    while time.monotonic() < deadline and proc.poll() is None:
+    seen = False
+    while time.monotonic() < deadline and proc.poll() is None and not seen:
         time.sleep(0.5)
-        experiment = client.get_experiment_by_name("mnist")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        if runs and "val_accuracy" in runs[0].data.metrics:
-            run_id = runs[0].info.run_id
-            break
-    assert run_id, "the run never reported an epoch"
+        runs = spooled.search_runs([e.experiment_id for e in spooled.search_experiments()])
+        seen = bool(runs) and "val_accuracy" in runs[0].data.metrics
+    assert seen, "the run never reported an epoch"
     proc.send_signal(signal.SIGINT)
     try:
         _, stderr = proc.communicate(timeout=180)
@@ -96,11 +98,14 @@ def test_ctrl_c_ends_the_run_as_killed_and_keeps_what_was_logged(store: str, spa
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert "the training run, if it had started, was ended as KILLED" in " ".join(stderr.split())
-    run = client.get_run(run_id)
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
     assert run.info.status == "KILLED"
+    run_id = run.info.run_id
     steps = [m.step for m in client.get_metric_history(run_id, "train_loss")]
-    assert steps == list(range(len(steps))) and len(steps) >= 20000 // 128  # in order, none lost
+    assert steps == list(range(len(steps))) and len(steps) >= limit // 128  # in order, none lost
     assert client.get_metric_history(run_id, "val_accuracy")[0].step == 1
+    assert len(client.get_metric_history(run_id, "val_accuracy")) < 40  # stopped mid-training
 
 
 @pytest.mark.server
