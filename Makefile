@@ -23,14 +23,16 @@ setup: $(BIN)/.installed
 run: setup
 	$(BIN)/mnistflow pipeline
 
-## Every test, the full-MNIST one included (about 3 minutes on 2 cores, after set-up).
+## Every test, the full-MNIST one included, three at a time: most of a test's time is spent
+## waiting on a server, a child process or a timeout, so three workers keep two cores busy.
+## Tests that share the team stack or the Spark session stay in one worker (conftest.py).
 test: setup browser team-tools java
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 3 --dist loadgroup
 
 ## The fast ones only, for the edit-test loop: no full-MNIST runs, no server processes,
 ## no browser.
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not server and not browser"
+	$(BIN)/python -m pytest -n 2 -m "not slow and not server and not browser"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts notebooks/*.py
