@@ -222,16 +222,7 @@ def as_user(team: Any, user: str | None, password: str | None = None) -> Iterato
         yield
 
 
-# -- running in parallel (`make test` runs pytest-xdist's --dist loadgroup) -------------------
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that share a costly session resource run in one worker, which starts it once:
-    the team stack (PostgreSQL, S3 and an MLflow server) and the Spark session."""
-    for item in items:
-        fixtures = getattr(item, "fixturenames", ())
-        if "team" in fixtures:
-            item.add_marker(pytest.mark.xdist_group("team"))
-        elif "spark" in fixtures:
-            item.add_marker(pytest.mark.xdist_group("spark"))
+# -- running in parallel ----------------------------------------------------------------------
+# `make test` runs pytest-xdist with --dist loadgroup: the test files that share a costly
+# session resource (the team stack: PostgreSQL, S3 and an MLflow server; the Spark session)
+# mark themselves xdist_group("team") or ("spark"), so one worker starts it once.

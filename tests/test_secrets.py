@@ -32,6 +32,9 @@ from mnistflow.config import TrackingConfig
 from mnistflow.recording import tracking_record
 from mnistflow.store import remote
 
+# One worker holds the team stack under pytest-xdist (make test): see conftest.py.
+pytestmark = pytest.mark.xdist_group("team")
+
 # -- the pieces, without a server ----------------------------------------------------------
 
 

@@ -25,6 +25,9 @@ from conftest import MIRROR, run_cli
 from mnistflow.inference import batch as inference
 from mnistflow.inference import spark as spark_inference
 
+# One worker holds the Spark session under pytest-xdist (make test): see conftest.py.
+pytestmark = pytest.mark.xdist_group("spark")
+
 IDX = MIRROR / "t10k-images-idx3-ubyte.gz"
 SPARK = ["--engine", "spark", "--master", "local[2]"]
 

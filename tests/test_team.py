@@ -19,7 +19,13 @@ from mnistflow.lifecycle import registry
 from mnistflow.stack.team import TeamStack
 from mnistflow.store import remote
 
-pytestmark = [pytest.mark.stack, pytest.mark.server, pytest.mark.slow]
+# One worker holds the team stack under pytest-xdist (make test): see conftest.py.
+pytestmark = [
+    pytest.mark.stack,
+    pytest.mark.server,
+    pytest.mark.slow,
+    pytest.mark.xdist_group("team"),
+]
 
 
 @pytest.fixture(scope="module")

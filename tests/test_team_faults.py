@@ -17,7 +17,13 @@ from conftest import WRITER, as_user, run_cli
 from mnistflow.stack import servers
 from mnistflow.stack.team import TeamStack, team_stack
 
-pytestmark = [pytest.mark.stack, pytest.mark.server, pytest.mark.slow]
+# One worker holds the team stack under pytest-xdist (make test): see conftest.py.
+pytestmark = [
+    pytest.mark.stack,
+    pytest.mark.server,
+    pytest.mark.slow,
+    pytest.mark.xdist_group("team"),
+]
 TRAIN = ["train", "--limit-train", "300", "--epochs", "1", "--no-system-metrics", "--json"]
 # The server's store is broken, not away for a while: no point waiting at the end.
 TRAIN += ["--wait-for-server", "0"]
