@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,36 @@ class TrainSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def summarize(
+    run: TrackedRun,
+    started: float,
+    *,
+    preset: str,
+    device: str,
+    test_accuracy: float,
+    test_macro_f1: float,
+    train_seconds: float,
+    model_uri: str,
+) -> TrainSummary:
+    """The run's summary; the whole command's time since `started` (a perf_counter reading)
+    is logged as total_seconds."""
+    total = time.perf_counter() - started
+    run.log_metrics({"total_seconds": total})
+    return TrainSummary(
+        run_id=run.run_id,
+        experiment_id=run.experiment_id,
+        tracking_uri=run.tracking_uri,
+        artifact_uri=run.artifact_uri,
+        preset=preset,
+        device=device,
+        test_accuracy=test_accuracy,
+        test_macro_f1=test_macro_f1,
+        train_seconds=train_seconds,
+        total_seconds=total,
+        model_uri=model_uri,
+    )
 
 
 def ask_registration(run: TrackedRun, register_as: str | None) -> None:

@@ -26,6 +26,7 @@ from mnistflow.recording import (
     ask_registration,
     data_record,
     settle,
+    summarize,
     tracking_record,
 )
 from mnistflow.tracking import TrackedRun
@@ -113,19 +114,14 @@ def baseline_run(
         )
         run.log_folder(report_dir, "reports")
 
-        total = time.perf_counter() - started
-        run.log_metrics({"total_seconds": total})
-        summary = TrainSummary(
-            run_id=run.run_id,
-            experiment_id=run.experiment_id,
-            tracking_uri=run.tracking_uri,
-            artifact_uri=run.artifact_uri,
+        summary = summarize(
+            run,
+            started,
             preset=PRESET,
             device="cpu",
             test_accuracy=test_accuracy,
             test_macro_f1=final["test_macro_f1"],
             train_seconds=train_seconds,
-            total_seconds=total,
             model_uri=model_uri,
         )
     return settle(run, summary, register_as, model_id)

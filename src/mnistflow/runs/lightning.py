@@ -37,6 +37,7 @@ from mnistflow.recording import (
     data_record,
     record_outcome,
     settle,
+    summarize,
     tracking_record,
 )
 from mnistflow.reporting import Reporter
@@ -169,19 +170,14 @@ def _rank_zero(
             run, result.model, splits, resolved, tmp, step_losses, history,
             result.train_seconds, result.test_metrics,
         )  # fmt: skip
-        total = time.perf_counter() - started
-        run.log_metrics({"total_seconds": total})
-        summary = TrainSummary(
-            run_id=run.run_id,
-            experiment_id=run.experiment_id,
-            tracking_uri=run.tracking_uri,
-            artifact_uri=run.artifact_uri,
+        summary = summarize(
+            run,
+            started,
             preset=train_config.preset,
             device=device,
             test_accuracy=outcome.test_accuracy,
             test_macro_f1=outcome.test_macro_f1,
             train_seconds=result.train_seconds,
-            total_seconds=total,
             model_uri=outcome.models.model_uri,
         )
     return settle(run, summary, register_as, outcome.models.model_id)

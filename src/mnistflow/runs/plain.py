@@ -21,6 +21,7 @@ from mnistflow.recording import (
     record_outcome,
     resolved_config,
     settle,
+    summarize,
 )
 from mnistflow.reporting import Reporter, Tee
 from mnistflow.tracking import TrackedRun
@@ -60,19 +61,14 @@ def train_run(
             run, result.model, splits, resolved, workdir, result.step_losses, result.history,
             result.train_seconds,
         )  # fmt: skip
-        total = time.perf_counter() - started
-        run.log_metrics({"total_seconds": total})
-        summary = TrainSummary(
-            run_id=run.run_id,
-            experiment_id=run.experiment_id,
-            tracking_uri=run.tracking_uri,
-            artifact_uri=run.artifact_uri,
+        summary = summarize(
+            run,
+            started,
             preset=train_config.preset,
             device=train_config.device,
             test_accuracy=outcome.test_accuracy,
             test_macro_f1=outcome.test_macro_f1,
             train_seconds=result.train_seconds,
-            total_seconds=total,
             model_uri=outcome.models.model_uri,
         )
     return settle(run, summary, register_as, outcome.models.model_id)
