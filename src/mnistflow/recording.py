@@ -24,7 +24,7 @@ from mnistflow.config import (
     TrainConfig,
     as_dict,
 )
-from mnistflow.engines.plain import Evaluation, evaluate
+from mnistflow.engines.plain import evaluate
 from mnistflow.lifecycle import logged_models, registry
 from mnistflow.store.uris import redact
 from mnistflow.tracking import TrackedRun
@@ -168,18 +168,58 @@ def data_record(data_config: DataConfig, splits: data.MnistSplits) -> dict[str, 
 def record_inputs(
     run: TrackedRun,
     resolved: dict[str, Any],
-    train_config: TrainConfig,
-    tracking_config: TrackingConfig,
     splits: data.MnistSplits,
     workdir: Path,
+    *,
+    preset: str,
+    device: str,
+    tags: Mapping[str, str],
 ) -> None:
-    """Config, tags and dataset lineage, before any training."""
+    """Config, tags and dataset lineage, before any training (every trainer, sweep trials
+    included)."""
     config_file = workdir / "config.json"
     config_file.write_text(json.dumps(resolved, indent=2, default=str))
     # First artifact before any training: an unwritable artifact store fails here, fast.
     run.log_config(resolved, config_file)
-    run.set_tags(train_config.preset, train_config.device, tracking_config.tags)
+    run.set_tags(preset, device, dict(tags))
     run.log_datasets(splits)
+
+
+def class_metrics(
+    labels: np.ndarray, predictions: np.ndarray
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The per-class report of the test predictions, and what is logged from it: macro F1
+    and the accuracy on each digit."""
+    per_class = reports.per_class(labels, predictions)
+    metrics = {
+        "test_macro_f1": per_class["macro avg"]["f1-score"],
+        **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
+    }
+    return per_class, metrics
+
+
+def log_test_reports(
+    run: TrackedRun,
+    images: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    probabilities: np.ndarray,
+    per_class: dict[str, Any],
+    workdir: Path,
+    curves: tuple[Sequence[float], Sequence[Mapping[str, float]]] | None = None,
+) -> None:
+    """reports/: the per-class table, the confusion matrix, the misclassified digits, and
+    the learning curves (step losses, epoch history) where there are some."""
+    folder = workdir / "reports"
+    folder.mkdir()
+    reports.write_per_class(per_class, folder)
+    reports.confusion_matrix_png(labels, predictions, folder / "confusion_matrix.png")
+    reports.misclassified_png(
+        images, labels, predictions, probabilities, folder / "misclassified.png"
+    )
+    if curves is not None:
+        reports.learning_curves_png(*curves, folder / "learning_curves.png")
+    run.log_folder(folder, "reports")
 
 
 @dataclass
@@ -211,44 +251,27 @@ def record_outcome(
     test = evaluate(model, splits.test)
     accuracy = test_metrics["test_accuracy"] if test_metrics else test.accuracy
     logged = logged_models.log_torch_models(model, splits.test.images[:CHECK_IMAGES], workdir)
-    per_class = reports.per_class(splits.test.labels.numpy(), test.predictions.numpy())
+    labels, predictions = splits.test.labels.numpy(), test.predictions.numpy()
+    per_class, per_class_metrics = class_metrics(labels, predictions)
     final = {
         "test_loss": test_metrics["test_loss"] if test_metrics else test.loss,
-        "test_macro_f1": per_class["macro avg"]["f1-score"],
-        **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
+        **per_class_metrics,
         "train_seconds": train_seconds,
         "onnx_max_abs_diff": logged.onnx_max_abs_diff,
     }
     run.log_results(accuracy, final, logged.model_id)
-    _log_reports(run, splits.test, test, step_losses, history, per_class, workdir)
-    _log_weights(run, resolved, model, workdir)
-    return Outcome(accuracy, final["test_macro_f1"], logged)
-
-
-def _log_reports(
-    run: TrackedRun,
-    test_split: data.Split,
-    test: Evaluation,
-    step_losses: Sequence[float],
-    history: Sequence[Mapping[str, float]],
-    per_class: dict[str, Any],
-    workdir: Path,
-) -> None:
-    """Per-class table, confusion matrix, misclassified digits, learning curves: reports/."""
-    labels, predictions = test_split.labels.numpy(), test.predictions.numpy()
-    folder = workdir / "reports"
-    folder.mkdir()
-    reports.write_per_class(per_class, folder)
-    reports.confusion_matrix_png(labels, predictions, folder / "confusion_matrix.png")
-    reports.misclassified_png(
-        test_split.images.numpy(),
+    log_test_reports(
+        run,
+        splits.test.images.numpy(),
         labels,
         predictions,
         test.probabilities.numpy().astype(np.float64),
-        folder / "misclassified.png",
+        per_class,
+        workdir,
+        curves=(step_losses, history),
     )
-    reports.learning_curves_png(step_losses, history, folder / "learning_curves.png")
-    run.log_folder(folder, "reports")
+    _log_weights(run, resolved, model, workdir)
+    return Outcome(accuracy, final["test_macro_f1"], logged)
 
 
 def _log_weights(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,10 @@ from mnistflow.lifecycle import logged_models
 from mnistflow.recording import (
     TrainSummary,
     ask_registration,
+    class_metrics,
     data_record,
+    log_test_reports,
+    record_inputs,
     settle,
     summarize,
     tracking_record,
@@ -66,11 +68,10 @@ def baseline_run(
     ):
         ask_registration(run, register_as)
         out = Path(tmp)
-        config_file = out / "config.json"
-        config_file.write_text(json.dumps(resolved, indent=2, default=str))
-        run.log_config(resolved, config_file)
-        run.set_tags(PRESET, "cpu", {"trainer": "scikit-learn", **tracking_config.tags})
-        run.log_datasets(splits)
+        record_inputs(
+            run, resolved, splits, out,
+            preset=PRESET, device="cpu", tags={"trainer": "scikit-learn", **tracking_config.tags},
+        )  # fmt: skip
 
         fit_started = time.perf_counter()
         with sklearn_autolog() as timer:
@@ -84,14 +85,13 @@ def baseline_run(
         labels = splits.test.labels.numpy()
         probabilities = pipeline.predict_proba(flat(test_images))  # (N, 10) float64
         predictions = probabilities.argmax(1)
-        per_class = reports.per_class(labels, predictions)
+        per_class, per_class_metrics = class_metrics(labels, predictions)
         test_accuracy = float(accuracy_score(labels, predictions))
         final = {
             "val_accuracy": float(accuracy_score(val_labels, val_probabilities.argmax(1))),
             "val_loss": float(log_loss(val_labels, val_probabilities, labels=reports.DIGITS)),
             "test_loss": float(log_loss(labels, probabilities, labels=reports.DIGITS)),
-            "test_macro_f1": per_class["macro avg"]["f1-score"],
-            **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
+            **per_class_metrics,
             "train_seconds": train_seconds,
             # What autolog spent after fitting: the model, training metrics and plots.
             "autolog_seconds": fit_ended - fit_started - train_seconds,
@@ -105,14 +105,7 @@ def baseline_run(
         final["onnx_max_abs_diff"] = max_diff
         run.log_results(test_accuracy, final, model_id)
 
-        report_dir = out / "reports"
-        report_dir.mkdir()
-        reports.write_per_class(per_class, report_dir)
-        reports.confusion_matrix_png(labels, predictions, report_dir / "confusion_matrix.png")
-        reports.misclassified_png(
-            test_images, labels, predictions, probabilities, report_dir / "misclassified.png"
-        )
-        run.log_folder(report_dir, "reports")
+        log_test_reports(run, test_images, labels, predictions, probabilities, per_class, out)
 
         summary = summarize(
             run,

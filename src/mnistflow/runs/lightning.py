@@ -35,6 +35,7 @@ from mnistflow.recording import (
     TrainSummary,
     ask_registration,
     data_record,
+    record_inputs,
     record_outcome,
     settle,
     summarize,
@@ -121,12 +122,11 @@ def _rank_zero(
     with TrackedRun(tracking_config) as run:
         ask_registration(run, register_as)
         if not resume:
-            config_file = tmp / "config.json"
-            config_file.write_text(json.dumps(resolved, indent=2, default=str))
-            run.log_config(resolved, config_file)
             tags = {"engine": "lightning", "world_size": str(devices * num_nodes)}
-            run.set_tags(train_config.preset, device, {**tags, **tracking_config.tags})
-            run.log_datasets(splits)
+            record_inputs(
+                run, resolved, splits, tmp,
+                preset=train_config.preset, device=device, tags={**tags, **tracking_config.tags},
+            )  # fmt: skip
 
         # Autolog's own model would be named "model" too (it is not configurable), and
         # `register RUN_ID` looks the served model up by that name; log_models below logs

@@ -53,7 +53,10 @@ def train_run(
     ):
         ask_registration(run, register_as)
         workdir = Path(tmp)
-        record_inputs(run, resolved, train_config, tracking_config, splits, workdir)
+        record_inputs(
+            run, resolved, splits, workdir,
+            preset=train_config.preset, device=train_config.device, tags=tracking_config.tags,
+        )  # fmt: skip
         result = fit(
             train_config, splits.train, splits.val, Tee(run, progress) if progress else run
         )

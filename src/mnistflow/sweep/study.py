@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mnistflow import data, reports
+from mnistflow import data
 from mnistflow.config import (
     DataConfig,
     MnistflowError,
@@ -19,6 +19,7 @@ from mnistflow.config import (
 )
 from mnistflow.engines.plain import evaluate
 from mnistflow.lifecycle import logged_models, networks, registry
+from mnistflow.recording import class_metrics, log_test_reports
 from mnistflow.store.checks import resolve_tracking_uri
 from mnistflow.store.uris import redact
 from mnistflow.sweep.definition import SweepConfig, SweepDefinition, SweepSummary
@@ -175,12 +176,8 @@ def _finish_best(
         network.load_state_dict(checkpoint["state_dict"])
         test = evaluate(network, splits.test)
         labels, predictions = splits.test.labels.numpy(), test.predictions.numpy()
-        per_class = reports.per_class(labels, predictions)
-        final = {
-            "test_loss": test.loss,
-            "test_macro_f1": per_class["macro avg"]["f1-score"],
-            **{f"test_accuracy_digit_{d}": per_class[str(d)]["accuracy"] for d in reports.DIGITS},
-        }
+        per_class, per_class_metrics = class_metrics(labels, predictions)
+        final = {"test_loss": test.loss, **per_class_metrics}
         resume = dataclasses.replace(
             tracking, resume_run_id=run_id, parent_run_id=None, system_metrics=False
         )
@@ -188,18 +185,15 @@ def _finish_best(
             logged = logged_models.log_torch_models(network, splits.test.images[:256], out)
             final["onnx_max_abs_diff"] = logged.onnx_max_abs_diff
             run.log_results(test.accuracy, final, logged.model_id)
-            report_dir = out / "reports"
-            report_dir.mkdir()
-            reports.write_per_class(per_class, report_dir)
-            reports.confusion_matrix_png(labels, predictions, report_dir / "confusion_matrix.png")
-            reports.misclassified_png(
+            log_test_reports(
+                run,
                 splits.test.images.numpy(),
                 labels,
                 predictions,
                 test.probabilities.numpy().astype(np.float64),
-                report_dir / "misclassified.png",
+                per_class,
+                out,
             )
-            run.log_folder(report_dir, "reports")
         set_run_tags(run_id, {"sweep_best": "true", "best_model_uri": logged.model_uri})
     return best, test.accuracy, logged.model_uri
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing
 import os
 import signal
@@ -26,6 +25,7 @@ from mnistflow.config import (
 from mnistflow.data import MnistSplits
 from mnistflow.engines.plain import fit, resolve
 from mnistflow.lifecycle import networks
+from mnistflow.recording import data_record, record_inputs
 from mnistflow.reporting import Reporter, Tee
 from mnistflow.store.uris import redact
 from mnistflow.sweep.definition import SweepDefinition
@@ -110,20 +110,13 @@ def _objective(trial: optuna.Trial, job: WorkerJob, splits: MnistSplits) -> floa
             trial.set_user_attr("mlflow_run_id", run_id)
             resolved = {
                 "train": {**as_dict(train_config), "width": width},
-                "data": {
-                    **as_dict(DataConfig(limit_train=job.definition.limit_train)),
-                    "source": splits.source,
-                    "train_size": len(splits.train),
-                    "val_size": len(splits.val),
-                    "test_size": len(splits.test),
-                },
+                "data": data_record(DataConfig(limit_train=job.definition.limit_train), splits),
                 "trial": {"study": job.study, "number": trial.number},
             }
-            config_file = Path(tmp) / "config.json"
-            config_file.write_text(json.dumps(resolved, indent=2, default=str))
-            run.log_config(resolved, config_file)
-            run.set_tags(train_config.preset, device, tags)
-            run.log_datasets(splits)
+            record_inputs(
+                run, resolved, splits, Path(tmp),
+                preset=train_config.preset, device=device, tags=tags,
+            )  # fmt: skip
             fit_started = time.perf_counter()
             # Seeded here, not only inside fit(): the network is built before fit() seeds, and
             # its initial weights must not depend on the trials this process ran before.
