@@ -46,10 +46,13 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        db = self.folder / "server.db"
+        if not db.exists():  # MLflow's tables, copied: creating them costs seconds of CPU
+            shutil.copyfile(checks.empty_store_template(), db)
         args = [
             sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
             "--port", str(self.port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+            "--backend-store-uri", f"sqlite:///{db}",
             "--artifacts-destination", str(self.folder / "artifacts"),
         ]  # fmt: skip
         bin_dir = str(Path(sys.executable).parent)
