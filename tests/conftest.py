@@ -48,6 +48,9 @@ def _hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     os.environ["MNISTFLOW_SPOOL_DIR"] = str(tmp_path_factory.mktemp("spool"))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    # `mlflow server` otherwise starts job consumers (huey processes, each importing MLflow:
+    # seconds of CPU per server) for GenAI jobs that nothing here runs.
+    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     yield
     os.environ.clear()
     os.environ.update(saved)
