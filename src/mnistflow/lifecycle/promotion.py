@@ -25,11 +25,13 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import EvaluationResult, MetricThreshold
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema, TensorSpec
 
 from mnistflow import data
 from mnistflow.config import MODEL_NAME, DataConfig, MnistflowError
@@ -92,8 +94,21 @@ def _pixel_frame(images: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(flat, columns=[f"px{i}" for i in range(784)])
 
 
+def _test_dataset(frame: pd.DataFrame) -> Any:
+    """The test set as the MLflow dataset that evaluate() logs as the run's input, its schema
+    given: MLflow would infer it by checking each of its 7.9 million cells for a missing value,
+    one Python call each (about 27 s of the 50 s a promotion took here)."""
+    dataset = from_pandas(frame, targets="label", name="mnist-test")
+    columns: list[ColSpec | TensorSpec] = [
+        ColSpec("float", str(column)) for column in frame.columns if column != "label"
+    ]
+    # A cached property: set here, it is not inferred.
+    dataset.schema = Schema([*columns, ColSpec("long", "label")])
+    return dataset
+
+
 def _evaluate(
-    client: MlflowClient, name: str, version: str, role: str, frame: pd.DataFrame
+    client: MlflowClient, name: str, version: str, role: str, test_set: Any
 ) -> tuple[Evidence, EvaluationResult]:
     """mlflow.models.evaluate of one registered version, in a nested run."""
     # Through the client's registry, not the process-wide one that models:/name/version uses.
@@ -114,8 +129,7 @@ def _evaluate(
         mlflow.set_tags({"model_name": name, "model_version": version, "role": role})
         result = mlflow.models.evaluate(
             model=predict,
-            data=frame,
-            targets="label",
+            data=test_set,
             model_type="classifier",
             evaluators=["default"],
             evaluator_config={
@@ -168,6 +182,7 @@ def promote(
     test = test if test is not None else data.load(data_config or DataConfig()).test
     frame = _pixel_frame(test.images.numpy())
     frame["label"] = test.labels.numpy()
+    test_set = _test_dataset(frame)  # once: its digest hashes every pixel (2.7 s)
 
     with _fluent_store(tracking_uri):
         experiments.use_experiment(EXPERIMENT)  # marked as model training in the UI
@@ -183,7 +198,7 @@ def promote(
                 }
             )
             promoted, reason, evidence = _decide(
-                client, name, challenger, champion, frame, min_accuracy, margin
+                client, name, challenger, champion, test_set, min_accuracy, margin
             )
             mlflow.set_tags({"promoted": str(promoted).lower(), "reason": reason})
             mlflow.log_metric("promoted", float(promoted))
@@ -205,12 +220,12 @@ def _decide(
     name: str,
     challenger: str,
     champion: str | None,
-    frame: pd.DataFrame,
+    test_set: Any,
     min_accuracy: float,
     margin: float,
 ) -> tuple[bool, str, list[Evidence]]:
     """Evaluate, validate, and move the aliases; returns (promoted, reason, evidence)."""
-    candidate, candidate_result = _evaluate(client, name, challenger, "challenger", frame)
+    candidate, candidate_result = _evaluate(client, name, challenger, "challenger", test_set)
     evidence = [candidate]
     accuracy = candidate.metrics["accuracy_score"]
     try:
@@ -219,7 +234,7 @@ def _decide(
             candidate_result,
         )
         if champion is not None and champion != challenger:
-            incumbent, _ = _evaluate(client, name, champion, "champion", frame)
+            incumbent, _ = _evaluate(client, name, champion, "champion", test_set)
             evidence.append(incumbent)
             floor = incumbent.metrics["accuracy_score"] - margin
             mlflow.validate_evaluation_results(

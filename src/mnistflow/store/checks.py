@@ -111,7 +111,10 @@ def create_sqlite_store(path: Path) -> None:
     try:
         template = empty_store_template()
         if template is not None:
-            shutil.copyfile(template, making)
+            try:
+                shutil.copyfile(template, making)
+            except OSError as e:  # said without the template's and the temporary file's names
+                raise OSError(e.errno, e.strerror) from None
         # On the template's tables MLflow only adds experiment 0 (with its artifact location
         # for this store); without a template it creates every table first.
         store = SqlAlchemyStore(f"sqlite:///{making}", str(path.parent / "mlruns"))
