@@ -39,8 +39,8 @@ run: setup
 test: setup browser team-tools java
 	$(BIN)/python -m pytest -n 3 --dist loadgroup
 
-## The fast ones only, for the edit-test loop: no full-MNIST runs, no server processes,
-## no browser.
+## The fast ones only, for the edit-test loop: nothing that trains a model or runs over a few
+## seconds (the slow marker, see tests/conftest.py), no server processes, no browser.
 test-fast: setup
 	$(BIN)/python -m pytest -n 2 -m "not slow and not server and not browser"
 

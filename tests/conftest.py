@@ -164,6 +164,18 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     yield uri, {"good": good, "poor": poor, "folder": folder}
 
 
+# The fixtures that train models (tens of seconds each, once per module or session): a test
+# that uses one, directly or through another fixture, is slow, so `make test-fast` (-m "not
+# slow") leaves it to `make test`. Marked here, by what the test needs, rather than test by test.
+TRAINING_FIXTURES = {"registered", "trained", "tracked", "lightning", "baseline", "swept"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def test_split() -> Any:
     """The 10,000 MNIST test digits, loaded once."""

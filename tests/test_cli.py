@@ -49,6 +49,7 @@ def test_unreachable_tracking_server(store: str, cli):
     assert_one_clear_error(result, 1, "Cannot reach the MLflow tracking server")
 
 
+@pytest.mark.slow
 def test_unwritable_artifact_location_fails_the_run_before_training(
     store: str, tmp_path: Path, cli
 ):
@@ -71,6 +72,7 @@ def test_missing_data_without_network(store: str, tmp_path: Path, cli, monkeypat
     assert_one_clear_error(result, 1, "Could not download", "MNISTFLOW_MNIST_MIRROR")
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_the_run_as_killed_and_keeps_what_was_logged(store: str, spawn):
     # Many short epochs: Ctrl-C lands mid-training even when this machine is busy.
     limit = 3000  # 23 steps an epoch
@@ -140,6 +142,7 @@ def test_ui_points_at_the_server_for_http_stores(cli):
     assert result.exit_code == 0 and "serves its own UI" in result.stderr
 
 
+@pytest.mark.slow
 def test_default_store_is_sqlite_in_the_working_directory(store: str, tmp_path: Path, cli):
     result = cli("train", *FAST_ARGS, "--json")
     assert result.exit_code == 0, result.stderr
@@ -165,6 +168,7 @@ def test_default_store_is_sqlite_in_the_working_directory(store: str, tmp_path: 
         (["serve"], "mnistflow.serving.run", "the server was stopped."),
     ],
 )  # fmt: skip
+@pytest.mark.slow
 def test_ctrl_c_outside_training_says_what_it_left(
     command: list[str], stops: str, words: str, store: str, cli, monkeypatch
 ):
@@ -183,6 +187,7 @@ def test_ctrl_c_outside_training_says_what_it_left(
 # -- no command makes a store the user did not ask for --------------------------------------
 
 
+@pytest.mark.slow
 def test_train_elsewhere_leaves_the_working_directory_alone(tmp_path: Path, cli, monkeypatch):
     """Also the smallest run: 500 images, 1 epoch, 4 steps (a ZeroDivisionError in the
     one-cycle schedule before)."""

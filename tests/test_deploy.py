@@ -117,6 +117,7 @@ def fake_mc(folder: Path, attach_error: str) -> Path:
         ("mc: <ERROR> Unable to attach the policy: Access Denied.", False),
     ],
 )  # fmt: skip
+@pytest.mark.slow
 def test_the_bucket_job_makes_a_bucket_scoped_account_again_and_again(
     resolved, tmp_path, attach_error, second_run_passes
 ):

@@ -12,6 +12,7 @@ from conftest import free_port, run_cli
 from mnistflow.store import remote
 
 
+@pytest.mark.slow
 def test_doctor_passes_on_a_local_store(store):
     result = run_cli("doctor", "--tracking-uri", store, "--experiment", "doctor-check")
     assert result.exit_code == 0, result.stdout + result.stderr
@@ -20,6 +21,7 @@ def test_doctor_passes_on_a_local_store(store):
         assert line in result.stdout
 
 
+@pytest.mark.slow
 def test_doctor_says_when_nothing_answers():
     uri = f"http://127.0.0.1:{free_port()}"
     result = run_cli("doctor", "--tracking-uri", uri)

@@ -167,6 +167,7 @@ def test_predict_refuses_empty_folders_and_unknown_models(champion, tmp_path: Pa
     assert "Traceback" not in unknown.stderr
 
 
+@pytest.mark.slow
 def test_trained_module_pyfunc_and_onnx_agree_on_the_whole_test_set(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     splits = data.load(DataConfig(mirror=str(MIRROR), limit_train=2000))

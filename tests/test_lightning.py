@@ -152,6 +152,7 @@ class InterruptAtEpoch(pl.Callback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_ctrl_c_kills_the_run_and_resume_continues_it(store: str, monkeypatch):
     fit = lightning_train.fit
 
@@ -215,6 +216,7 @@ def test_ddp_on_two_processes_gives_one_run_with_reduced_metrics(store: str, tmp
         (["--resume", "0123456789abcdef0123456789abcdef"], 1, "No run with id"),
     ],
 )
+@pytest.mark.slow
 def test_bad_flags_get_one_sentence(args: list[str], code: int, phrase: str, store: str):
     engine = [] if "--engine" in args else ["--engine", "lightning"]
     result = run_cli("train", *engine, *args, "--tracking-uri", store)
@@ -229,6 +231,7 @@ def test_unreachable_store_fails_before_training(store: str):
     assert result.exit_code == 1 and "Cannot reach the MLflow tracking server" in result.stderr
 
 
+@pytest.mark.slow
 def test_tracking_uri_from_env_else_sqlite_in_working_directory(
     store: str, tmp_path: Path, monkeypatch
 ):

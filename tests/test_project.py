@@ -81,6 +81,7 @@ def assert_complete_training_run(
     assert len(models) == 1
 
 
+@pytest.mark.slow
 def test_mlflow_run_from_the_checkout_is_one_complete_run(project_store: str):
     result = mlflow_run(
         str(ROOT), "-e", "train", *params_args(TRAIN), "--env-manager", "local",
@@ -117,6 +118,7 @@ def test_mlflow_run_from_a_git_clone_at_a_commit(project_store: str, tmp_path: P
     assert run.data.tags["mlflow.source.name"] == clone.as_uri()
 
 
+@pytest.mark.slow
 def test_projects_run_synchronous(project_store: str):
     submitted = mlflow.projects.run(
         str(ROOT),
@@ -168,6 +170,7 @@ def test_a_missing_parameter_gets_mlflows_error_and_no_run(project_store: str):
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
+@pytest.mark.slow
 def test_a_failed_project_run_ends_failed_with_the_reason(project_store: str):
     """MLflow checks no number types; our CLI does, and the run ends FAILED, saying why."""
     result = mlflow_run(
@@ -181,6 +184,7 @@ def test_a_failed_project_run_ends_failed_with_the_reason(project_store: str):
     assert run.data.tags["failure_reason"] == "learning rate must be positive, got -1.0."
 
 
+@pytest.mark.slow
 def test_predict_of_a_missing_path_ends_failed_with_the_reason(project_store: str):
     result = mlflow_run(
         str(ROOT), "-e", "predict", "-P", "inputs=/no/such/digits", "--env-manager", "local",

@@ -41,6 +41,7 @@ def versions(registry_store: str, tmp_path: Path) -> tuple[str, MlflowClient, st
     return registry_store, client, name
 
 
+@pytest.mark.slow
 def test_promoting_the_champion_again_changes_nothing_and_rollback_always_moves(versions):
     _, client, name = versions
     registry.make_champion(client, name, "1", "first")
@@ -82,6 +83,7 @@ for i in range(int(rounds)):
 """
 
 
+@pytest.mark.slow
 def test_concurrent_promotions_lose_none_and_the_alias_ends_on_the_last(
     versions, spawn, tmp_path: Path
 ):
@@ -169,6 +171,7 @@ def linear_probabilities(pixels: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_log_served_model_checks_the_graph_then_serves_it(tmp_path: Path, store: str):
     rng = np.random.default_rng(0)
     weights = rng.normal(0, 0.01, (784, 10))

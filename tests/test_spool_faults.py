@@ -238,6 +238,7 @@ def test_a_dead_writers_run_is_sent_and_ended_failed(bench, monkeypatch):
     assert sync.sync(folder) == []
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_be_sent_does_not_stop_the_others(bench, tmp_path, monkeypatch):
     spool_client, folder, target = _pending_run(bench, "two-runs")
     # A second run in the same spool, then the first one's run deleted on the target.

@@ -183,6 +183,7 @@ def test_dataset_inputs_give_lineage(tracked):
 
 
 @pytest.mark.parametrize("mode", ["--sync-logging", "--async-logging"])
+@pytest.mark.slow
 def test_sync_and_async_logging_lose_nothing(mode: str, store: str, cli):
     result = cli("train", *FAST_ARGS, "--tracking-uri", store, mode, "--json")
     assert result.exit_code == 0, result.stderr
@@ -191,6 +192,7 @@ def test_sync_and_async_logging_lose_nothing(mode: str, store: str, cli):
     assert [m.step for m in history] == list(range(2 * STEPS_PER_EPOCH))
 
 
+@pytest.mark.slow
 def test_use_experiment_marks_old_experiments_and_keeps_a_chosen_kind(store: str):
     mlflow.set_tracking_uri(store)
     client = MlflowClient(store)

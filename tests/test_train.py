@@ -44,6 +44,7 @@ class Recorder(Reporter):
         self.epochs.append((epoch, metrics))
 
 
+@pytest.mark.slow
 def test_fast_preset_learns_and_reports_every_step_in_order(small: data.MnistSplits):
     recorder = Recorder()
     config = preset_config("fast", epochs=2, device="cpu")
@@ -70,6 +71,7 @@ def test_fast_preset_learns_and_reports_every_step_in_order(small: data.MnistSpl
         assert m["images_per_second"] == pytest.approx(2000 / m["epoch_seconds"])
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_model_on_cpu(small: data.MnistSplits):
     config = preset_config("fast", epochs=1, device="cpu", seed=7)
     a = fit(config, small.train, small.val)
@@ -83,6 +85,7 @@ def test_same_seed_gives_the_same_model_on_cpu(small: data.MnistSplits):
     assert a.step_losses != c.step_losses
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_trains_in_bf16_and_keeps_float32_weights(small: data.MnistSplits):
     base = preset_config("fast", epochs=2, device="cpu", seed=3)
     fp32 = fit(dataclasses.replace(base, precision="fp32"), small.train, small.val)
@@ -141,6 +144,7 @@ def test_augment_draws_within_the_configured_ranges():
     assert default.sum().item() == pytest.approx(images.sum().item(), rel=0.3)
 
 
+@pytest.mark.slow
 def test_warmup_places_the_learning_rate_peak(small: data.MnistSplits):
     for warmup in (0.1, 0.5):
         recorder = Recorder()
