@@ -166,7 +166,8 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
 
 # The fixtures that train models (tens of seconds each, once per module or session): a test
 # that uses one, directly or through another fixture, is slow, so `make test-fast` (-m "not
-# slow") leaves it to `make test`. Marked here, by what the test needs, rather than test by test.
+# slow") leaves it to `make test`. Marked here, by what the test needs; other long tests carry
+# their own mark.
 TRAINING_FIXTURES = {"registered", "trained", "tracked", "lightning", "baseline", "swept"}
 
 
