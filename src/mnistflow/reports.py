@@ -83,19 +83,28 @@ def misclassified_png(
     wrong = np.flatnonzero(labels != predictions)
     confidence = probabilities[wrong, predictions[wrong]]
     wrong = wrong[np.argsort(-confidence)][:limit]
-    cols = 8
+    # One image of all the digits, captions as text on it: a grid of 64 axes took seconds
+    # of every run to lay out and draw.
+    cols, cell, pad = 8, 28, 18  # pad: room for each digit's two-line caption
     rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.5), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, wrong, strict=False):
-        ax.imshow(images[i].reshape(28, 28), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(
+    mosaic = np.full((rows * (cell + pad) + 4, cols * (cell + 4)), 255.0)
+    width, height = mosaic.shape[1] / 30, mosaic.shape[0] / 30  # inches: 30 mosaic pixels each
+    fig = plt.figure(figsize=(width, height + 0.4))
+    ax = fig.add_axes((0.0, 0.0, 1.0, height / (height + 0.4)))
+    ax.axis("off")
+    for k, i in enumerate(wrong):
+        top, left = (k // cols) * (cell + pad) + pad, (k % cols) * (cell + 4) + 2
+        mosaic[top : top + cell, left : left + cell] = images[i].reshape(28, 28)
+        ax.text(
+            left + cell / 2,
+            top - 1.5,
             f"true {labels[i]} pred {predictions[i]}\n{probabilities[i, predictions[i]]:.0%}",
             fontsize=7,
+            ha="center",
+            va="bottom",
         )
+    ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     fig.suptitle(f"{int((labels != predictions).sum())} misclassified test digits", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
