@@ -85,15 +85,15 @@ def misclassified_png(
     wrong = wrong[np.argsort(-confidence)][:limit]
     # One image of all the digits, captions as text on it: a grid of 64 axes took seconds
     # of every run to lay out and draw.
-    cols, cell, pad = 8, 28, 18  # pad: room for each digit's two-line caption
+    cols, cell, gap, pad = 8, 28, 4, 18  # pad: room above each digit for its two-line caption
     rows = max(1, -(-len(wrong) // cols))
-    mosaic = np.full((rows * (cell + pad) + 4, cols * (cell + 4)), 255.0)
+    mosaic = np.full((rows * (cell + pad) + gap, cols * (cell + gap)), 255.0)
     width, height = mosaic.shape[1] / 30, mosaic.shape[0] / 30  # inches: 30 mosaic pixels each
     fig = plt.figure(figsize=(width, height + 0.4))
     ax = fig.add_axes((0.0, 0.0, 1.0, height / (height + 0.4)))
     ax.axis("off")
     for k, i in enumerate(wrong):
-        top, left = (k // cols) * (cell + pad) + pad, (k % cols) * (cell + 4) + 2
+        top, left = (k // cols) * (cell + pad) + pad, (k % cols) * (cell + gap) + gap // 2
         mosaic[top : top + cell, left : left + cell] = images[i].reshape(28, 28)
         ax.text(
             left + cell / 2,

@@ -31,7 +31,8 @@ def to_onnx(model: nn.Module, path: Path) -> Path:
     # default since 2.9: for these small feed-forward networks both write the same graph
     # (probabilities equal to 1e-7, the same ONNX Runtime speed, measured), but torch.export
     # spends about 6 s of every training run tracing and loading its op registry, against
-    # 0.25 s. It is deprecated, not removed, in the pinned torch; say so once, not per run.
+    # 0.25 s. It is deprecated, not removed, in the pinned torch: that warning is known
+    # here and would otherwise print on every training run.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
