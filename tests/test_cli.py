@@ -111,18 +111,28 @@ def test_ctrl_c_ends_the_run_as_killed_and_keeps_what_was_logged(store: str, spa
 
 
 @pytest.mark.server
-def test_ui_serves_the_same_store(store: str, spawn, cli):
+def test_ui_serves_the_same_store(store: str, spawn, cli, tmp_path: Path):
     result = cli("train", *FAST_ARGS, "--json", "--run-name", "seen-in-the-ui")
     assert result.exit_code == 0, result.stderr
     port = free_port()
-    proc = spawn([*MNISTFLOW, "ui", "--port", str(port)], env=tool_env())
+    # The server's output goes to a file, not a pipe nobody reads: kept to show on failure.
+    log = tmp_path / "ui.log"
+    with log.open("w") as sink:
+        proc = spawn(
+            [*MNISTFLOW, "ui", "--port", str(port)], env=tool_env(), stdout=sink, stderr=sink
+        )
     base = f"http://127.0.0.1:{port}"
     experiment_id = result.json()["experiment_id"]
     # Until the store answers, not only /health: the API's first calls open the database.
     # Refused connections and read timeouts are retried alike (a busy machine starts slowly).
-    wait_until_up(
-        f"{base}/api/2.0/mlflow/experiments/get?experiment_id={experiment_id}", proc, timeout=180
-    )
+    try:
+        wait_until_up(
+            f"{base}/api/2.0/mlflow/experiments/get?experiment_id={experiment_id}",
+            proc,
+            timeout=300,
+        )
+    except RuntimeError as e:
+        raise AssertionError(f"{e}; the server printed:\n{log.read_text()[-4000:]}") from e
     runs = requests.post(
         f"{base}/api/2.0/mlflow/runs/search",
         json={"experiment_ids": [experiment_id]},

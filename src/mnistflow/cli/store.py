@@ -30,7 +30,9 @@ def ui(
     use_store(uri)  # an existing store: the UI would create an empty one
     err.print(f"MLflow UI for {redact(uri)} at http://{host}:{port} (Ctrl-C stops it)")
     args = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
-    args += ["--host", host, "--port", str(port)]
+    # One worker: a personal UI has one reader, and each of MLflow's default four imports the
+    # whole server (seconds of CPU apiece before the page answers on a 2-core machine).
+    args += ["--host", host, "--port", str(port), "--workers", "1"]
     database = sqlite_path(uri)
     if database is not None:
         # Runs logged without a server keep artifacts in ./mlruns beside the database.
