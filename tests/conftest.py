@@ -9,13 +9,14 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pytest
+from filelock import FileLock
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -143,14 +144,29 @@ def train(*args: str) -> dict:
     return result.json()
 
 
-@pytest.fixture(scope="session")
-def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Any]]]:
-    """A store with a decent run, registered as mnist v1 and made @champion, and a poor run.
+def built_once(
+    tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]
+) -> tuple[Path, Any]:
+    """The folder build(folder) filled and its result (JSON), made once per test session
+    however many pytest-xdist workers ask: the first builds under a file lock, the others
+    wait for it and read it. The folder is shared: copy what a test writes to.
 
-    The promotion tests register both runs again under their own name, "digits", so the
-    tests that use mnist@champion do not depend on the order tests run in.
+    `make test`'s time is CPU-bound on 2 cores, and a session fixture is otherwise built
+    again on every worker (the pattern pytest-xdist documents for this).
     """
-    folder = tmp_path_factory.mktemp("registered")
+    base = tmp_path_factory.getbasetemp()
+    # A worker's basetemp is <run>/popen-gwN; the run's folder above it is shared by all.
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, result = shared / f"built-{name}", shared / f"built-{name}.json"
+    with FileLock(str(shared / f"built-{name}.lock")):
+        if not result.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way
+            folder.mkdir()
+            result.write_text(json.dumps(build(folder)))
+    return folder, json.loads(result.read_text())
+
+
+def _registered_store(folder: Path) -> dict[str, Any]:
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
@@ -161,7 +177,22 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
         )  # fmt: skip
     registry.make_champion(MlflowClient(uri), "mnist", "1", "test fixture")
     mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
-    yield uri, {"good": good, "poor": poor, "folder": folder}
+    return {"good": good, "poor": poor}
+
+
+@pytest.fixture(scope="session")
+def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A store with a decent run, registered as mnist v1 and made @champion, and a poor run.
+
+    Trained once per session (built_once); each worker gets its own copy of the database,
+    whose runs keep their artifacts in the shared folder (written once, then only read).
+    The promotion tests register both runs again under their own name, "digits", so the
+    tests that use mnist@champion do not depend on the order tests run in.
+    """
+    built, runs = built_once(tmp_path_factory, "registered", _registered_store)
+    folder = tmp_path_factory.mktemp("registered")
+    shutil.copyfile(built / "mlflow.db", folder / "mlflow.db")
+    yield f"sqlite:///{folder / 'mlflow.db'}", {**runs, "folder": folder}
 
 
 # The fixtures that train models (tens of seconds each, once per module or session): a test
@@ -171,10 +202,21 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
 TRAINING_FIXTURES = {"registered", "trained", "tracked", "lightning", "baseline", "swept"}
 
 
+# Module fixtures that train: under pytest-xdist, every test that uses one is sent to the same
+# worker, so the fixture is built once rather than on each worker (the CPU is the limit).
+GROUPED_FIXTURES = ("tracked", "lightning", "baseline", "swept")
+
+
+# tryfirst: xdist's own hook reads the xdist_group marks (it suffixes node ids with them).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if TRAINING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        used = set(getattr(item, "fixturenames", ()))
+        if TRAINING_FIXTURES.intersection(used):
             item.add_marker(pytest.mark.slow)
+        group = next((name for name in GROUPED_FIXTURES if name in used), None)
+        if group and item.get_closest_marker("xdist_group") is None:  # the team's group stays
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

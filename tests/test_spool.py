@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST_ARGS, MNISTFLOW, free_port, run_cli
+from conftest import FAST_ARGS, MNISTFLOW, built_once, free_port, run_cli
 from mnistflow.lifecycle import registry
 from mnistflow.spool import sync, targets
 from mnistflow.stack import servers
@@ -134,16 +134,23 @@ def assert_complete(client: MlflowClient, run_id: str, reference: dict) -> None:
 TRAIN = ["train", *FAST_ARGS, "--seed", "3", "--json"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The metric histories of the same run logged to an embedded store, without faults."""
-    folder = tmp_path_factory.mktemp("reference")
+def _reference_run(folder: Path) -> dict:
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         result = run_cli(*TRAIN, "--tracking-uri", uri)
     assert result.exit_code == 0, result.stderr
     return histories(MlflowClient(uri), result.json()["run_id"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The metric histories of the same run logged to an embedded store, without faults.
+
+    Trained once for all workers (conftest.built_once); JSON gives the pairs back as lists.
+    """
+    _, shared = built_once(tmp_path_factory, "spool-reference", _reference_run)
+    return {key: [tuple(pair) for pair in pairs] for key, pairs in shared.items()}
 
 
 def start_training(spawn, uri: str, *extra: str) -> subprocess.Popen[str]:
