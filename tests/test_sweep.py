@@ -333,6 +333,47 @@ def test_ctrl_c_kills_running_trials_and_a_later_command_resumes(tmp_path, spawn
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.parametrize("during", ["start_run", "end_run"])
+def test_an_interrupt_while_a_trial_run_starts_or_ends_leaves_it_ended(
+    during: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The worker's SIGTERM landing inside mlflow.start_run (the run created, not yet
+    returned) or end_run (not yet written): a window a loaded machine widens, where the run
+    used to stay RUNNING for good. The interrupt is held until the start or the end is
+    through: the run ends (KILLED when it was starting), then the interrupt is raised."""
+    from mnistflow.config import TrackingConfig
+    from mnistflow.sweep import workers
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("trials")
+    parent = client.create_run(experiment_id)
+    real = getattr(mlflow, during)
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        if during == "start_run":
+            started = real(*args, **kwargs)  # the run exists in the store...
+            os.kill(os.getpid(), signal.SIGTERM)  # ...and the signal comes before the return
+            return started
+        os.kill(os.getpid(), signal.SIGTERM)  # inside end_run, before it writes
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, during, interrupted)
+    previous = signal.signal(signal.SIGTERM, workers._Interrupt.handle)
+    config = TrackingConfig(
+        tracking_uri=uri, experiment="trials", system_metrics=False,
+        parent_run_id=parent.info.run_id,
+    )  # fmt: skip
+    try:
+        with pytest.raises(KeyboardInterrupt), workers.TrialRun(config):
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+    (trial,) = client.search_runs([experiment_id], filter_string="tags.mlflow.parentRunId != ''")
+    assert trial.info.status == ("KILLED" if during == "start_run" else "FINISHED")
+
+
 def test_joining_again_registers_the_same_best_once(swept, tmp_path, monkeypatch):
     # A copy of the finished study and store, so the other tests see the sweep as it was.
     for name in ("mlflow.db", "study.log", "space.yaml"):

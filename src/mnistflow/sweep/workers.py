@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -9,7 +10,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,8 @@ from mnistflow.sweep.storage import make_pruner, make_sampler, open_storage
 from mnistflow.tracking import ParentRun, TrackedRun, set_run_tags
 
 if TYPE_CHECKING:
+    from types import TracebackType
+
     import optuna
     from optuna.trial import FrozenTrial
 
@@ -71,6 +74,67 @@ class WorkerJob:
     threads: int | None  # torch threads; None leaves torch's default
 
 
+class _Interrupt:
+    """The worker's SIGTERM: raised as KeyboardInterrupt, except while a run starts or ends.
+
+    An interrupt inside mlflow.start_run or end_run can leave the run created but never
+    ended (RUNNING for good, seen on a loaded machine); there it is held and raised as soon
+    as the start or the end is through.
+    """
+
+    holding = False
+    held = False
+
+    @classmethod
+    def handle(cls, signum: int, frame: Any) -> None:
+        # The first SIGTERM from the sweep's main process ends the running trial as Ctrl-C
+        # would (KILLED run); further ones are ignored so that the clean-up is not cut short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if cls.holding:
+            cls.held = True
+            return
+        raise KeyboardInterrupt
+
+    @classmethod
+    @contextlib.contextmanager
+    def held_back(cls) -> Iterator[None]:
+        """Hold an interrupt that arrives inside; the caller raises it with take_held()."""
+        cls.holding = True
+        try:
+            yield
+        finally:
+            cls.holding = False
+
+    @classmethod
+    def take_held(cls) -> bool:
+        held, cls.held = cls.held, False
+        return held
+
+
+class TrialRun(TrackedRun):
+    """A trial's run, whose start and end an interrupt cannot cut in two (see _Interrupt)."""
+
+    def __enter__(self) -> TrialRun:
+        with _Interrupt.held_back():
+            super().__enter__()
+        if _Interrupt.take_held():
+            # Started: ended as interrupted, as if the interrupt had come just after.
+            self.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+            raise KeyboardInterrupt
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with _Interrupt.held_back():
+            super().__exit__(exc_type, exc, tb)
+        if _Interrupt.take_held():
+            raise KeyboardInterrupt
+
+
 def _trial_network(config: TrainConfig, params: Mapping[str, Any]) -> Any:
 
     if "width" in params:
@@ -99,15 +163,15 @@ def _objective(trial: optuna.Trial, job: WorkerJob, splits: MnistSplits) -> floa
     tracking = dataclasses.replace(
         job.tracking, run_name=f"{job.study}-trial-{trial.number:03d}", tags=tags
     )
-    state, note, run_id, fit_seconds = "failed", "", "", 0.0
+    state, note, fit_seconds = "failed", "", 0.0
     value = float("nan")
+    trial_run = TrialRun(tracking)  # its run_id is set once the run exists
     try:
         with (
             tempfile.TemporaryDirectory(prefix="mnistflow-trial-") as tmp,
-            TrackedRun(tracking) as run,
+            trial_run as run,
         ):
-            run_id = run.run_id
-            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr("mlflow_run_id", run.run_id)
             resolved = {
                 "train": {**as_dict(train_config), "width": width},
                 "data": data_record(DataConfig(limit_train=job.definition.limit_train), splits),
@@ -161,8 +225,8 @@ def _objective(trial: optuna.Trial, job: WorkerJob, splits: MnistSplits) -> floa
     finally:
         trial.set_user_attr("fit_seconds", fit_seconds)
         trial.set_user_attr("trial_seconds", time.perf_counter() - started)
-        if run_id:
-            set_run_tags(run_id, {"trial_state": state, "mlflow.note.content": note})
+        if trial_run.run_id:
+            set_run_tags(trial_run.run_id, {"trial_state": state, "mlflow.note.content": note})
     if state == "pruned":
         raise optuna.TrialPruned(note)
     return value
@@ -216,18 +280,11 @@ def work(job: WorkerJob) -> None:
     )
 
 
-def _interrupt_once(signum: int, frame: Any) -> None:
-    # The first SIGTERM from the sweep's main process ends the running trial as Ctrl-C
-    # would (KILLED run); further ones are ignored so that the clean-up is not cut short.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def _worker_process(job: WorkerJob) -> None:
     # A terminal's Ctrl-C reaches every process of the group; the main process forwards
     # exactly one SIGTERM instead, so a worker is interrupted once, not twice.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _interrupt_once)
+    signal.signal(signal.SIGTERM, _Interrupt.handle)
     try:
         work(job)
     except KeyboardInterrupt:
