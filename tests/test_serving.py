@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import mlflow
 import numpy as np
 import orjson
@@ -159,10 +160,53 @@ def test_metrics_count_requests_latencies_batches_and_model(client: TestClient):
         'mnistflow_batch_size_bucket{handler="/predict",le="1.0"} 1.0',
         "mnistflow_model_ready 1.0",
         'mnistflow_model_loads_total{outcome="loaded"} 1.0',
+        # One request at a time: each is a model call of its own (micro-batching has no one
+        # to gather; see the concurrent test below).
+        "mnistflow_model_batch_size_count 2.0",
+        "mnistflow_model_batch_size_sum 3.0",
     ]:
         assert expected in lines, expected
     (info,) = [line for line in lines if line.startswith("mnistflow_model_info")]
     assert 'name="mnist"' in info and 'version="1"' in info
+
+
+def test_concurrent_requests_share_model_calls_and_each_gets_its_own_answer(
+    trained: Store, follower: ModelFollower
+):
+    """Micro-batching with the real model: 48 requests at once, on both routes, with one to
+    three different digits each; every answer is what the model says for that request's
+    digits alone (no row of another request), and the model was called fewer times."""
+    app = create_app(ServeConfig(tracking_uri=trained.uri, max_batch=32), follower)
+    model = follower.current
+    assert model is not None
+    # Random grey levels: every row gets probabilities of its own, so a row answered to the
+    # wrong request shows.
+    bodies = [np.random.default_rng(i).integers(0, 256, (1 + i % 3, 28, 28)) for i in range(48)]
+
+    async def send_all() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await asyncio.gather(
+                *(
+                    http.post("/invocations", json={"inputs": body.tolist()})
+                    if i % 2
+                    else http.post("/predict", json={"pixels": body.tolist()})
+                    for i, body in enumerate(bodies)
+                )
+            )
+
+    responses = asyncio.run(send_all())
+    for body, response in zip(bodies, responses, strict=True):
+        assert response.status_code == 200, response.text
+        got = response.json()["predictions"]
+        labels, probabilities = model.classifier.classify(body.astype(np.float32))
+        assert [p["label"] for p in got] == labels.tolist()
+        np.testing.assert_allclose([p["probabilities"] for p in got], probabilities, atol=1e-5)
+    metrics = TestClient(app).get("/metrics").text.splitlines()
+    (calls,) = [m for m in metrics if m.startswith("mnistflow_model_batch_size_count")]
+    (digits,) = [m for m in metrics if m.startswith("mnistflow_model_batch_size_sum")]
+    assert float(digits.split()[-1]) == sum(len(body) for body in bodies)
+    assert 1 <= float(calls.split()[-1]) < len(bodies) / 2
 
 
 def test_docs_work_offline_and_the_schema_documents_the_bodies(client: TestClient):

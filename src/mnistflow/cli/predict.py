@@ -49,6 +49,19 @@ def serve(
     max_images: Annotated[
         int, typer.Option(min=1, help="Most digits or images in one request.")
     ] = 128,
+    max_batch: Annotated[
+        int,
+        typer.Option(min=1, help="Most digits in one model call (concurrent requests share one)."),
+    ] = 64,
+    batch_wait_ms: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=100.0,
+            help="How long a request may wait for others to share its model call "
+            "(0: only requests that arrived together).",
+        ),
+    ] = 0.0,
     access_log: Annotated[bool, typer.Option(help="Log every request (costs ~10%).")] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
@@ -67,6 +80,8 @@ def serve(
             tracking_uri=tracking_uri,
             max_body_bytes=max_body_bytes,
             max_images=max_images,
+            max_batch=max_batch,
+            batch_wait_ms=batch_wait_ms,
             access_log=access_log,
         )
     )

@@ -24,6 +24,7 @@ from fastapi_offline import FastAPIOffline
 
 import mnistflow
 from mnistflow.serving import errors
+from mnistflow.serving.batching import MicroBatcher
 from mnistflow.serving.deps import Service
 from mnistflow.serving.inputs import BodyLimitMiddleware
 from mnistflow.serving.metrics import Metrics, MetricsMiddleware
@@ -62,7 +63,13 @@ def create_app(config: ServeConfig, model_source: ModelFollower | None = None) -
         title="mnistflow", version=mnistflow.__version__, description=DESCRIPTION, lifespan=lifespan
     )
     metrics = Metrics(follower)
-    app.state.service = Service(config, follower, metrics)
+    batcher = MicroBatcher(
+        predict.classify,
+        max_batch=config.max_batch,
+        max_wait=config.batch_wait_ms / 1000,
+        on_call=metrics.observe_model_call,
+    )
+    app.state.service = Service(config, follower, metrics, batcher)
     # The last added runs first: the metrics see every request, refused ones included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -17,6 +17,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from mnistflow.serving.batching import MicroBatcher
 from mnistflow.serving.errors import ApiError
 from mnistflow.serving.metrics import Metrics
 from mnistflow.serving.model import ModelFollower, ServedModel
@@ -25,11 +26,13 @@ from mnistflow.serving.settings import ServeConfig
 
 @dataclass(frozen=True)
 class Service:
-    """One app's parts: its config, the follower holding the model, and its metrics."""
+    """One app's parts: its config, the follower holding the model, its metrics, and the
+    micro-batcher the prediction routes send their digits through."""
 
     config: ServeConfig
     follower: ModelFollower
     metrics: Metrics
+    batcher: MicroBatcher
 
 
 def service_of(request: Request) -> Service:

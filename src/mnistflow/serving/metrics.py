@@ -46,6 +46,12 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.model_calls = Histogram(
+            "mnistflow_model_batch_size",
+            "Digits per model call: micro-batching gathers the digits of concurrent requests.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(ModelCollector(follower))
         # handler -> its batch-size series; labels() takes a lock and validates every call.
         self.batches: dict[str, Histogram] = {}
@@ -55,6 +61,9 @@ class Metrics:
         if series is None:
             series = self.batches[handler] = self.batch_size.labels(handler)
         series.observe(digits)
+
+    def observe_model_call(self, digits: int) -> None:
+        self.model_calls.observe(digits)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import uvicorn
@@ -29,8 +30,15 @@ def run(config: ServeConfig) -> None:
     )
     # Loaded before the server starts, so a wrong URI is one clear error, not a dead server.
     follower.start()
+    app = create_app(config, follower)
+    # What is loaded by now (MLflow, pandas, ONNX Runtime: a million objects) lives as long
+    # as the process: frozen out of the garbage collector's reach, a full collection scans
+    # only what requests make. Without it, each full collection paused the server for over
+    # 100 ms, and the requests in flight during one set the p99 (measured at concurrency 16
+    # with micro-batching, whose waiting requests are promoted to the old generation).
+    gc.freeze()
     uvicorn.run(
-        create_app(config, follower),
+        app,
         host=config.host,
         port=config.port,
         # "auto" picks uvloop and httptools (uvicorn[standard]): measured faster than

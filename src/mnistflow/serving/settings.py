@@ -24,6 +24,10 @@ class ServeConfig:
     # Larger bodies get 413 before they are read whole; 1 MB holds ~250 digits as JSON.
     max_body_bytes: int = 1_000_000
     max_images: int = 128
+    # Micro-batching (serving/batching.py): the most digits in one model call, and how long
+    # a request may wait for others to share its call (0: only those that came in together).
+    max_batch: int = 64
+    batch_wait_ms: float = 0.0
     # A version that failed to load is tried again after this long (the alias may have
     # pointed at it before its artifacts were uploaded).
     retry_failed_seconds: float = 60.0

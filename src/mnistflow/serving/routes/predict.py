@@ -3,8 +3,9 @@
 These two routes take nearly all the traffic, so they are kept lean: the body is read as
 bytes, parsed by orjson and checked by mnistflow.lifecycle.pixels (no pydantic on 784 numbers); the
 service and the model are plain calls, not FastAPI dependencies (resolving one measurably
-slows these routes; the README gives the figures); and the model runs inline on the event
-loop, as one digit takes less time in ONNX Runtime than a hop to a worker thread and back.
+slows these routes; the README gives the figures); and the digits go through the service's
+micro-batcher (serving/batching.py), which runs the model inline on the event loop, as a
+batch of digits takes less time in ONNX Runtime than a hop to a worker thread and back.
 Image uploads are decoded in a worker thread, as a large photo takes milliseconds.
 """
 
@@ -63,12 +64,13 @@ async def predict(request: Request) -> Response:
     if kind == "application/json":
         pixels = as_array(predict_pixels(load_json(await request.body())), max_images)
     elif kind == "multipart/form-data":
-        pixels = await read_images(request, max_images)
+        # As JSON pixels are, so that uploads and JSON digits can share a model call.
+        pixels = as_array(await read_images(request, max_images), max_images)
     else:
         raise ApiError(
             415, "send application/json pixels or multipart/form-data images (field file)."
         )
-    labels, probabilities = classify(served, pixels)
+    labels, probabilities = await service.batcher.classify(served, pixels)
     service.metrics.observe_batch("/predict", len(labels))
     model = {"name": served.name, "version": served.version}
     return answer(served, {"model": model, "predictions": predictions(labels, probabilities)})
@@ -81,7 +83,7 @@ async def invocations(request: Request) -> Response:
         raise ApiError(415, "send the body as application/json.")
     payload = load_json(await request.body())
     pixels = as_array(invocation_pixels(payload), service.config.max_images)
-    labels, probabilities = classify(served, pixels)
+    labels, probabilities = await service.batcher.classify(served, pixels)
     service.metrics.observe_batch("/invocations", len(labels))
     return answer(served, {"predictions": predictions(labels, probabilities)})
 
