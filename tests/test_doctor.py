@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import requests
 from mlflow.exceptions import MlflowException, RestException
@@ -22,12 +24,17 @@ def test_doctor_passes_on_a_local_store(store):
 
 
 @pytest.mark.slow
-def test_doctor_says_when_nothing_answers():
+def test_doctor_says_when_nothing_answers(monkeypatch):
+    # Its quick-request settings hold during the checks only, and a user's own win.
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
     uri = f"http://127.0.0.1:{free_port()}"
     result = run_cli("doctor", "--tracking-uri", uri)
     assert result.exit_code == 1
     assert f"FAIL server    Nothing answers at {uri}" in " ".join(result.stdout.split("\n"))
     assert "read" not in result.stdout  # the checks that need a server are not run
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
 
 
 def reply(status: int, endpoint: str) -> MlflowException:

@@ -66,13 +66,32 @@ def _server_version(uri: str) -> Check:
     return Check("server", True, f"{uri} answers: MLflow server {response.text.strip()}")
 
 
+# A doctor answers in seconds (no retry loops over a broken server), in a few lines of
+# verdicts (no download progress bar in between). A user's own settings win.
+QUICK_REQUESTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
 def run_checks(tracking_uri: str, experiment: str) -> list[Check]:
-    """The checks in order; stops at the first failure that the next checks depend on."""
-    # A doctor answers in seconds: no retry loops over a broken server.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    # A few lines of verdicts: no download progress bar in between.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    """The checks in order; stops at the first failure that the next checks depend on.
+
+    The quick-request settings hold during the checks only: left in the environment, they
+    took MLflow's retries away from whatever the process did next (a test's client met a
+    server's closed keep-alive connection with no retry).
+    """
+    unset = [key for key in QUICK_REQUESTS if key not in os.environ]
+    os.environ.update({key: QUICK_REQUESTS[key] for key in unset})
+    try:
+        return _checks(tracking_uri, experiment)
+    finally:
+        for key in unset:
+            os.environ.pop(key, None)
+
+
+def _checks(tracking_uri: str, experiment: str) -> list[Check]:
     uri = tracking_uri
     user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "anonymous"
     checks: list[Check] = []
