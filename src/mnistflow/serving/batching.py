@@ -71,9 +71,9 @@ class MicroBatcher:
     async def classify(self, served: ServedModel, pixels: np.ndarray) -> Answer:
         """This request's labels and probabilities, computed in a batch with its neighbours."""
         rows = len(pixels)
-        if self.max_batch == 1 or rows >= self.max_batch:
+        if rows >= self.max_batch:  # a full batch by itself (always, for --max-batch 1)
             self.on_call(rows)
-            return self.classify_one(served, pixels)  # nothing to gain by waiting
+            return self.classify_one(served, pixels)
         if self.rows + rows > self.max_batch:
             self.flush()
         loop = asyncio.get_running_loop()
