@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # Unset, they are downloaded from the public mirrors into ~/.cache/mnistflow.
 export MNISTFLOW_MNIST_MIRROR
 
-.PHONY: setup run test test-fast lint browser java wrk bench clean stack team-tools tour
+.PHONY: setup run test test-fast lint datasets browser java wrk bench clean stack team-tools tour
 
 # The venv is rebuilt when the requirements change. constraints.txt pins every package
 # (torch included: an unpinned torch would pull a multi-GB CUDA build). uv installs the same
@@ -31,17 +31,18 @@ setup: $(BIN)/.installed
 
 ## The main job: train, track, register, promote, classify sample digits; then say where to look.
 run: setup
+	@$(MAKE) --no-print-directory datasets || echo "Going on without them: no nondigit_* metrics."
 	$(BIN)/mnistflow pipeline
 
 ## Every test, the full-MNIST one included, three at a time: most of a test's time is spent
 ## waiting on a server, a child process or a timeout, so three workers keep two cores busy.
 ## Tests that share the team stack or the Spark session stay in one worker (conftest.py).
-test: setup browser team-tools java
+test: setup datasets browser team-tools java
 	$(BIN)/python -m pytest -n 3 --dist loadgroup
 
 ## The fast ones only, for the edit-test loop: nothing that trains a model or runs over a few
 ## seconds (the slow marker, see tests/conftest.py), no server processes, no browser.
-test-fast: setup
+test-fast: setup datasets
 	$(BIN)/python -m pytest -n 2 -m "not slow and not server and not browser"
 
 lint: setup
@@ -65,6 +66,14 @@ team-tools:
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq docker-compose postgresql >/dev/null || \
 	    { apt-get update -qq && apt-get install -y -qq docker-compose postgresql >/dev/null; }; \
 	  else echo "The team-stack tests need: sudo apt-get install docker-compose postgresql"; exit 1; fi; }
+
+# What every run measures its model on besides MNIST, from Debian: Fashion-MNIST's images are
+# the non-digits the abstain flag is scored against (MNISTFLOW_NONDIGITS, data.py).
+datasets:
+	@test -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -qq dataset-fashion-mnist >/dev/null || \
+	    { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; \
+	  else echo "The non-digit measures need: sudo apt-get install dataset-fashion-mnist"; exit 1; fi; }
 
 # The page test drives Debian's Chromium through Playwright (never a downloaded browser).
 browser:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import MIRROR, free_port
-from mnistflow import data
+from mnistflow import config, data
 from mnistflow.config import DataConfig, MnistflowError
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -121,3 +121,36 @@ def test_read_idx_rejects_other_files(tmp_path: Path):
     raw = tmp_path / "ok-idx1-ubyte"
     raw.write_bytes(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + bytes([7, 8, 9]))
     assert data.read_idx(raw).tolist() == [7, 8, 9]
+
+
+# -- the non-digits (Fashion-MNIST, Debian's dataset-fashion-mnist; `make test` installs it) --
+
+
+def test_the_non_digits_are_fashion_mnist_test_images_verified(splits, tmp_path, monkeypatch):
+    assert splits.nondigits is not None and splits.nondigits.shape == (10000, 1, 28, 28)
+    assert splits.nondigits.dtype == torch.uint8
+    # Clothes, not digits: no image equals an MNIST test digit.
+    digits = {bytes(x) for x in splits.test.images.numpy().reshape(10000, -1)}
+    assert not digits & {bytes(x) for x in splits.nondigits[:1000].numpy().reshape(1000, -1)}
+
+    # Another folder: used when it holds the right file, one clear error when it does not.
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    original = Path(config.NONDIGITS_FOLDER) / data.NONDIGITS_FILE
+    monkeypatch.setenv("MNISTFLOW_NONDIGITS", str(folder))
+    with pytest.raises(MnistflowError, match=r"t10k-images-idx3-ubyte\.gz is missing"):
+        data.read_nondigits(DataConfig(mirror=str(MIRROR)))
+    raw = bytearray(gzip.decompress(original.read_bytes()))
+    raw[-1] ^= 0xFF  # one pixel changed
+    (folder / data.NONDIGITS_FILE).write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(MnistflowError, match="not Fashion-MNIST's test set"):
+        data.read_nondigits(DataConfig(mirror=str(MIRROR)))
+    raw[-1] ^= 0xFF  # recompressed, as Debian does: the pixels are what is checked
+    (folder / data.NONDIGITS_FILE).write_bytes(gzip.compress(bytes(raw), compresslevel=1))
+    assert data.read_nondigits(DataConfig(mirror=str(MIRROR))) is not None
+
+    # Empty turns the measure off; the default folder, absent, is skipped quietly.
+    monkeypatch.setenv("MNISTFLOW_NONDIGITS", "")
+    assert data.load(DataConfig(mirror=str(MIRROR), limit_train=10)).nondigits is None
+    monkeypatch.setattr(data, "NONDIGITS_FOLDER", str(tmp_path / "not-installed"))
+    assert data.read_nondigits(DataConfig(nondigits=str(tmp_path / "not-installed"))) is None

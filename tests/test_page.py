@@ -14,11 +14,14 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image, ImageDraw
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from conftest import MNISTFLOW, free_port, wait_until_up
+from mnistflow import data
+from mnistflow.config import DataConfig
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
 
@@ -34,7 +37,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 API_KEY = "page-test-key"
-DIGIT = re.compile(r"^\d$")
+SHOWN = re.compile(r"^(\d|\?)$")  # a digit, or "?" when the model is not sure
 NO_LABEL = "\N{EN DASH}"  # what the page shows before a prediction
 
 
@@ -118,21 +121,47 @@ def draw_with_touch(page: Page, points: list[tuple[float, float]]) -> None:
     touch("touchEnd")
 
 
-def assert_prediction_shown(page: Page) -> None:
-    expect(page.locator("#label")).to_have_text(DIGIT)
+def assert_prediction_shown(page: Page) -> dict[str, str]:
+    """A digit, or "?" when the answer abstains, agreeing with the bars; what was shown."""
+    expect(page.locator("#label")).to_have_text(SHOWN)
     expect(page.locator("#bars li")).to_have_count(10)
     # Read in one go: a newer prediction may land between two separate reads.
     shown = page.evaluate(
         """() => ({
             label: document.getElementById("label").textContent,
+            confidence: document.getElementById("confidence").textContent,
             bars: [...document.querySelectorAll("#bars li")].map((li) => li.dataset.p),
             top: [...document.querySelectorAll("#bars li.top")].map((li) => li.dataset.digit),
         })"""
     )
     probabilities = [float(p) for p in shown["bars"]]
     assert sum(probabilities) == pytest.approx(1, abs=1e-3)
-    assert probabilities[int(shown["label"])] == max(probabilities)
-    assert shown["top"] == [shown["label"]]
+    best = str(probabilities.index(max(probabilities)))
+    assert shown["top"] == [best]
+    if shown["label"] == "?":
+        assert shown["confidence"].startswith(f"not sure this is a digit (best guess {best},")
+    else:
+        assert shown["label"] == best and shown["confidence"].endswith("% sure")
+    return shown
+
+
+def clothing_png_it_abstains_on(server: str) -> bytes:
+    """A Fashion-MNIST image as a PNG upload that the served model declines (asked through
+    the API first, so the page test does not depend on how sure this small model is)."""
+    clothes = data.read_nondigits(DataConfig())
+    assert clothes is not None
+    for image in clothes[:50]:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "PNG")
+        answer = httpx.post(
+            f"{server}/predict",
+            files={"file": ("clothes.png", buffer.getvalue(), "image/png")},
+            headers={"X-API-Key": API_KEY},
+            timeout=30,
+        )
+        if answer.json()["predictions"][0]["abstain"]:
+            return buffer.getvalue()
+    pytest.fail("the served model is sure of all of 50 clothing images")
 
 
 def digit_png() -> bytes:
@@ -175,6 +204,14 @@ def test_draw_a_digit_see_the_prediction(server: str, browser: Browser, screensh
         "#upload", files=[{"name": "seven.png", "mimeType": "image/png", "buffer": digit_png()}]
     )
     assert_prediction_shown(page)
+
+    # Not a digit: the page says it is not sure rather than show a digit.
+    clothes = clothing_png_it_abstains_on(server)
+    page.set_input_files(
+        "#upload", files=[{"name": "shirt.png", "mimeType": "image/png", "buffer": clothes}]
+    )
+    expect(page.locator("#label")).to_have_text("?")
+    assert assert_prediction_shown(page)["label"] == "?"
     page.close()
 
 

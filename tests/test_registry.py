@@ -183,18 +183,33 @@ def test_log_served_model_checks_the_graph_then_serves_it(tmp_path: Path, store:
     with mlflow.start_run() as run:
         # Refused: the labels differ from the trainer's, a wrong interface, a wrong shape.
         with pytest.raises(MnistflowError, match="disagrees with the trained model"):
-            logged_models.log_served_model(onnx_path, pixels, np.roll(expected, 1, axis=1))
+            logged_models.log_served_model(
+                onnx_path, pixels, np.roll(expected, 1, axis=1), abstain_below=0.5
+            )
         renamed = linear_onnx(tmp_path / "renamed.onnx", weights, input_name="x")
         with pytest.raises(MnistflowError, match="one input 'pixels'"):
-            logged_models.log_served_model(renamed, pixels, linear_probabilities(pixels, weights))
+            logged_models.log_served_model(
+                renamed, pixels, linear_probabilities(pixels, weights), abstain_below=0.5
+            )
         with pytest.raises(MnistflowError, match=r"shaped \(N, 1, 28, 28\)"):
-            logged_models.log_served_model(onnx_path, pixels[:, 0], expected)
+            logged_models.log_served_model(onnx_path, pixels[:, 0], expected, abstain_below=0.5)
+        with pytest.raises(MnistflowError, match=r"abstain_below must be a probability"):
+            logged_models.log_served_model(onnx_path, pixels, expected, abstain_below=1.5)
         assert mlflow.search_logged_models(output_format="list") == []
 
-        uri, model_id, diff = logged_models.log_served_model(onnx_path, pixels, expected)
+        # A threshold between the digits' confidences: some abstain, some do not.
+        below = float(np.median(expected.max(1)))
+        uri, model_id, diff = logged_models.log_served_model(
+            onnx_path, pixels, expected, abstain_below=below
+        )
     assert uri == f"models:/{model_id}" and diff < 1e-5
     logged = MlflowClient(store).get_logged_model(model_id)
     assert (logged.name, logged.source_run_id) == ("model", run.info.run_id)
     served = mlflow.pyfunc.load_model(uri).predict(pixels[:, 0].astype(np.float32))
     assert list(served["label"]) == list(expected.argmax(1))
     assert np.allclose(np.stack(served["probabilities"]), expected, atol=1e-5)
+    # The threshold travels with the model: each row says how sure it is, and whether it
+    # is under the threshold.
+    assert np.allclose(served["confidence"], expected.max(1), atol=1e-5)
+    assert list(served["abstain"]) == list(np.stack(served["probabilities"]).max(1) < below)
+    assert 0 < served["abstain"].sum() < len(served)

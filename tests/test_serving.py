@@ -29,7 +29,10 @@ from PIL import Image, ImageDraw
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from conftest import MIRROR
+from mnistflow import data
 from mnistflow import serving as serving_package
+from mnistflow.config import DataConfig
 from mnistflow.inference.preprocess import image_to_digit
 from mnistflow.lifecycle import pixels, registry
 from mnistflow.serving import ServeConfig, create_app
@@ -116,10 +119,11 @@ def wait_ready(client: TestClient, timeout: float = 60) -> None:
 
 
 def assert_prediction(prediction: dict[str, Any]) -> None:
-    assert set(prediction) == {"label", "probabilities"}
+    assert set(prediction) == {"label", "probabilities", "confidence", "abstain"}
     assert len(prediction["probabilities"]) == 10
     assert sum(prediction["probabilities"]) == pytest.approx(1, abs=1e-4)
     assert prediction["label"] == int(np.argmax(prediction["probabilities"]))
+    assert prediction["confidence"] == prediction["probabilities"][prediction["label"]]
 
 
 # -- health, version, metrics, docs, page --------------------------------------------------
@@ -324,6 +328,31 @@ def test_predict_uploads_are_preprocessed_as_in_batch_inference(client: TestClie
     assert [p["label"] for p in both.json()["predictions"]] == [
         upload.json()["predictions"][0]["label"]
     ] * 2
+
+
+def test_each_prediction_says_how_sure_and_abstains_on_non_digits(
+    client: TestClient, trained: Store
+):
+    """Digits and Fashion-MNIST images in one request: each row carries the label's
+    probability and the abstain flag of the threshold logged with the model."""
+    splits = data.load(DataConfig(mirror=str(MIRROR), limit_train=1))
+    assert splits.nondigits is not None
+    digits, clothes = splits.test.images[:60, 0], splits.nondigits[:60, 0]
+    mixed = np.concatenate([digits.numpy(), clothes.numpy()]).tolist()
+    answer = client.post("/predict", json={"pixels": mixed})
+    assert answer.status_code == 200, answer.text
+    rows = answer.json()["predictions"]
+
+    source = trained.client.get_model_version_download_uri("mnist", "1")
+    below = mlflow.pyfunc.load_model(source).model_config["abstain_below"]
+    assert 0 < below < 1
+    for row in rows:
+        assert row["confidence"] == max(row["probabilities"]) == row["probabilities"][row["label"]]
+        assert row["abstain"] == (row["confidence"] < below)
+    digit_abstains = sum(row["abstain"] for row in rows[:60])
+    clothes_abstains = sum(row["abstain"] for row in rows[60:])
+    # Chosen to turn away 2% of validation digits: most clothes are refused, few digits.
+    assert digit_abstains <= 6 and clothes_abstains >= 30, (digit_abstains, clothes_abstains)
 
 
 # -- bad input: one 4xx JSON sentence, never a 5xx, and the service keeps serving -----------

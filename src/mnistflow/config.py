@@ -32,6 +32,9 @@ class MnistflowError(Exception):
     """An expected failure, told to the user as one sentence (no traceback)."""
 
 
+NONDIGITS_FOLDER = "/usr/share/datasets/fashion-mnist"
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where MNIST comes from and how the training set is split."""
@@ -48,6 +51,12 @@ class DataConfig:
     # Fixed apart from the training seed, so every run validates on the same images.
     split_seed: int = 0
     limit_train: int | None = None
+    # Non-digits the abstain flag is measured against: a folder holding Fashion-MNIST's
+    # t10k-images-idx3-ubyte.gz (Debian's dataset-fashion-mnist puts it in NONDIGITS_FOLDER).
+    # MNISTFLOW_NONDIGITS overrides; empty turns the measure off.
+    nondigits: str = field(
+        default_factory=lambda: os.environ.get("MNISTFLOW_NONDIGITS", NONDIGITS_FOLDER)
+    )
 
 
 # The networks by name; lifecycle/networks.py builds each (tests/test_layout.py ties the two),

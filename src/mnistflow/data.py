@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mnistflow.config import DataConfig, MnistflowError
+from mnistflow.config import NONDIGITS_FOLDER, DataConfig, MnistflowError
 from mnistflow.store.uris import redact
 
 if TYPE_CHECKING:
@@ -31,6 +31,10 @@ PUBLIC_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
+# Fashion-MNIST's test images, the non-digits: the SHA-256 of the 10,000 images' pixels, as
+# Debian recompresses the original .gz (so the file's hash differs from upstream's).
+NONDIGITS_FILE = "t10k-images-idx3-ubyte.gz"
+NONDIGITS_SHA256 = "c867c93ff95360594e8ec3287995350b824dd110b11595c0e13d5423f621867a"
 # One name for the whole dataset's content: the four files' hashes, hashed.
 DATASET_DIGEST = hashlib.sha256("".join(sorted(FILES.values())).encode()).hexdigest()[:16]
 
@@ -55,6 +59,9 @@ class MnistSplits:
     val: Split
     test: Split
     source: str  # where the files came from: a URL or a local folder
+    # Images that are not digits (N, 1, 28, 28) uint8, to measure abstention; None when
+    # DataConfig.nondigits names no folder, or the default one is not installed.
+    nondigits: torch.Tensor | None = None
 
 
 def sha256(path: Path) -> str:
@@ -157,6 +164,30 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
 
 
+def read_nondigits(config: DataConfig) -> np.ndarray | None:
+    """Fashion-MNIST's 10,000 test images (N, 28, 28) uint8, verified; None when the
+    measure is off or the default folder is not there (the package is not installed)."""
+    if not config.nondigits:
+        return None
+    path = Path(config.nondigits).expanduser() / NONDIGITS_FILE
+    if not path.is_file():
+        if config.nondigits == NONDIGITS_FOLDER:
+            return None
+        raise MnistflowError(
+            f"{path} is missing; point MNISTFLOW_NONDIGITS at the folder holding Fashion-MNIST's "
+            f"{NONDIGITS_FILE}, or set it empty to skip the non-digit measure."
+        )
+    images = read_idx(path)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise MnistflowError(f"{path} holds images shaped {images.shape[1:]}, not 28 x 28.")
+    if hashlib.sha256(images.tobytes()).hexdigest() != NONDIGITS_SHA256:
+        raise MnistflowError(
+            f"{path} is not Fashion-MNIST's test set (SHA-256 mismatch); replace it with the "
+            "original file."
+        )
+    return images
+
+
 def load(config: DataConfig) -> MnistSplits:
     """Fetch, verify, parse and split MNIST into train / validation / test tensors."""
     # Imported here, where tensors are made: commands that only read IDX files (predict)
@@ -180,6 +211,7 @@ def load(config: DataConfig) -> MnistSplits:
     if config.limit_train is not None:
         train_idx = train_idx[: config.limit_train]
     test_idx = torch.arange(len(test_y))
+    nondigits = read_nondigits(config)
 
     def split(name: str, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Split:
         digest = hashlib.sha256(DATASET_DIGEST.encode() + idx.numpy().tobytes()).hexdigest()[:16]
@@ -192,4 +224,5 @@ def load(config: DataConfig) -> MnistSplits:
         test=split("test", test_x, test_y, test_idx),
         # Recorded with every run (params, dataset inputs): a mirror's login stays out.
         source=redact(source),
+        nondigits=None if nondigits is None else torch.from_numpy(nondigits.copy()).unsqueeze(1),
     )

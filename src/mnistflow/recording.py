@@ -24,8 +24,8 @@ from mnistflow.config import (
     TrainConfig,
     as_dict,
 )
-from mnistflow.engines.plain import evaluate
-from mnistflow.lifecycle import logged_models, registry
+from mnistflow.engines.plain import Evaluation, evaluate, outputs
+from mnistflow.lifecycle import abstention, logged_models, registry
 from mnistflow.store.uris import redact
 from mnistflow.tracking import TrackedRun
 
@@ -162,6 +162,8 @@ def data_record(data_config: DataConfig, splits: data.MnistSplits) -> dict[str, 
         "train_size": len(splits.train),
         "val_size": len(splits.val),
         "test_size": len(splits.test),
+        # Non-digits the abstain flag was measured on (0: none, no nondigit_* metrics).
+        "nondigits_size": 0 if splits.nondigits is None else len(splits.nondigits),
     }
 
 
@@ -250,12 +252,16 @@ def record_outcome(
     """
     test = evaluate(model, splits.test)
     accuracy = test_metrics["test_accuracy"] if test_metrics else test.accuracy
-    logged = logged_models.log_torch_models(model, splits.test.images[:CHECK_IMAGES], workdir)
+    judged = judge(model, splits, test)
+    logged = logged_models.log_torch_models(
+        model, splits.test.images[:CHECK_IMAGES], workdir, abstain_below=judged.below
+    )
     labels, predictions = splits.test.labels.numpy(), test.predictions.numpy()
     per_class, per_class_metrics = class_metrics(labels, predictions)
     final = {
         "test_loss": test_metrics["test_loss"] if test_metrics else test.loss,
         **per_class_metrics,
+        **judged.metrics,
         "train_seconds": train_seconds,
         "onnx_max_abs_diff": logged.onnx_max_abs_diff,
     }
@@ -272,6 +278,19 @@ def record_outcome(
     )
     _log_weights(run, resolved, model, workdir)
     return Outcome(accuracy, final["test_macro_f1"], logged)
+
+
+def judge(model: nn.Module, splits: data.MnistSplits, test: Evaluation) -> abstention.Abstention:
+    """A trained network's abstain threshold, chosen on the validation digits, and what it
+    does on the test digits and the non-digits (see lifecycle/abstention.py)."""
+    val = outputs(model, splits.val.images).softmax(1).numpy()
+    nondigits = None if splits.nondigits is None else outputs(model, splits.nondigits)
+    return abstention.measure(
+        val,
+        test.probabilities.numpy(),
+        splits.test.labels.numpy(),
+        None if nondigits is None else nondigits.softmax(1).numpy(),
+    )
 
 
 def _log_weights(

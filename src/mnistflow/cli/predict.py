@@ -175,11 +175,15 @@ def predict(
         labels, probabilities = batch.classify(
             classifier, digits.all_pixels(), batch_size, lambda n: bar.advance(task, n)
         )
-    batch.write(batch.rows(digits, labels, probabilities), target)
+    abstain_below = getattr(classifier, "abstain_below", None)
+    results = batch.rows(digits, labels, probabilities, abstain_below)
+    batch.write(results, target)
     known = digits.all_labels()
     summary = f"{len(digits)} digits classified with {model_uri}"
     if known is not None:
         summary += f"; accuracy {float((labels == known).mean()):.2%} against the known labels"
+    if abstain_below is not None:
+        summary += f"; not sure of {sum(row['abstain'] for row in results)}"
     err.print(summary + (f"; written to {output}" if output else "") + ".")
     if digits.failures:
         err.print(f"[yellow]{len(digits.failures)} input(s) could not be read.[/]")

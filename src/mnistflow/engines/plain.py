@@ -260,23 +260,26 @@ def fit(
 @torch.inference_mode()
 def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> Evaluation:
     """Accuracy, mean cross-entropy, probabilities and predictions of model on a split."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    probs = []
-    loss_sum = 0.0
-    for start in range(0, len(split), batch_size):
-        x = split.images[start : start + batch_size].to(device).float()
-        y = split.labels[start : start + batch_size].to(device)
-        logits = model(x.contiguous(memory_format=torch.channels_last))
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        probs.append(logits.softmax(1).cpu())
-    model.train(was_training)
-    probabilities = torch.cat(probs)
+    logits = outputs(model, split.images, batch_size)
+    probabilities = logits.softmax(1)
     predictions = probabilities.argmax(1)
     return Evaluation(
         accuracy=(predictions == split.labels).float().mean().item(),
-        loss=loss_sum / len(split),
+        loss=F.cross_entropy(logits, split.labels).item(),
         probabilities=probabilities,
         predictions=predictions,
     )
+
+
+@torch.inference_mode()
+def outputs(model: nn.Module, images: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+    """The network's logits (N, 10), float32 on the CPU, for uint8 images (N, 1, 28, 28)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(device).float()
+        logits.append(model(x.contiguous(memory_format=torch.channels_last)).float().cpu())
+    model.train(was_training)
+    return torch.cat(logits) if logits else torch.empty(0, 10)

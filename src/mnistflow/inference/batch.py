@@ -162,15 +162,25 @@ def classify(
     return np.concatenate(labels), np.concatenate(probabilities)
 
 
-def rows(digits: Digits, labels: np.ndarray, probabilities: np.ndarray) -> list[dict[str, Any]]:
+def rows(
+    digits: Digits,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    abstain_below: float | None = None,
+) -> list[dict[str, Any]]:
+    """One row per digit: where it came from, its label and that label's probability, and
+    for a model logged with an abstain threshold, whether it is not sure (abstain)."""
     known = digits.all_labels()
     out = []
     for i, source in enumerate(digits.sources):
+        confidence = float(probabilities[i, labels[i]])
         row: dict[str, Any] = {
             "source": source,
             "label": int(labels[i]),
-            "probability": round(float(probabilities[i, labels[i]]), 6),
+            "probability": round(confidence, 6),
         }
+        if abstain_below is not None:
+            row["abstain"] = confidence < abstain_below
         if known is not None:
             row["true_label"] = int(known[i])
         out.append(row)

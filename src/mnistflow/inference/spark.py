@@ -109,8 +109,9 @@ class SparkResult:
 def scored(
     spark: SparkSession, inputs: DataFrame, model: PinnedModel, env_manager: str
 ) -> DataFrame:
-    """One output row per input row: source, label, probability, probability_0..9,
-    model_version, model_uri, error, true_label; refused rows keep a null prediction."""
+    """One output row per input row: source, label, probability, abstain (for a model with
+    an abstain threshold), probability_0..9, model_version, model_uri, error, true_label;
+    refused rows keep a null prediction."""
     import mlflow
     from pyspark.sql import functions as F
 
@@ -125,10 +126,14 @@ def scored(
     out = inputs.withColumn("out", udf(F.col("pixels")))
     label = F.col("out.label")
     probabilities = F.col("out.probabilities")
+    # A model logged with an abstain threshold also says whether it is sure (its signature's
+    # outputs, which the UDF's result type follows); an older one does not.
+    judged = "abstain" in out.schema["out"].dataType.fieldNames()  # type: ignore[attr-defined]
     return out.select(
         "source",
         F.when(fine, label).alias("label"),
         F.when(fine, probabilities[label.cast("int")]).alias("probability"),
+        *([F.when(fine, F.col("out.abstain")).alias("abstain")] if judged else []),
         *[F.when(fine, probabilities[d]).alias(c) for d, c in enumerate(CLASS_COLUMNS)],
         F.lit(model.version).alias("model_version"),
         F.lit(model.uri).alias("model_uri"),

@@ -8,7 +8,11 @@ model-from-code file tells MLflow which object is the model.
 Contract
     input:  float32 pixels 0-255, white digit on black as in MNIST, shaped (N, 28, 28);
             classify() also takes (N, 1, 28, 28), (N, 784) and a single (28, 28) digit.
-    output: one row per digit: ``label`` (int) and ``probabilities`` (ten floats).
+    output: one row per digit: ``label`` (int), ``probabilities`` (ten floats),
+            ``confidence`` (the label's probability) and ``abstain`` (true when confidence is
+            under the threshold logged with the model, model_config["abstain_below"]: the
+            model is not sure this is a digit). A model logged without a threshold gives
+            label and probabilities only.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class MnistClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defi
             context.artifacts["onnx_model"], options, providers=["CPUExecutionProvider"]
         )
         self.input_name = self.session.get_inputs()[0].name
+        below = config.get("abstain_below")
+        self.abstain_below: float | None = None if below is None else float(below)
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """(N, 1, 28, 28) float32 pixels (see as_pixels) -> (N, 10) probabilities."""
@@ -61,7 +67,11 @@ class MnistClassifier(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defi
         self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         labels, probabilities = self.classify(model_input)
-        return pd.DataFrame({"label": labels, "probabilities": list(probabilities)})
+        rows = {"label": labels, "probabilities": list(probabilities)}
+        if self.abstain_below is not None:
+            confidence = probabilities.max(axis=1)
+            rows.update(confidence=confidence, abstain=confidence < self.abstain_below)
+        return pd.DataFrame(rows)
 
 
 mlflow.models.set_model(MnistClassifier())

@@ -28,6 +28,7 @@ from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 from mlflow.types.schema import Array
 
 from mnistflow.config import MnistflowError
+from mnistflow.lifecycle import abstention
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +41,12 @@ MAX_ABS_DIFF = 1e-4
 PYFUNC_SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28))]),
     outputs=Schema(
-        [ColSpec(DataType.long, "label"), ColSpec(Array(DataType.float), "probabilities")]
+        [
+            ColSpec(DataType.long, "label"),
+            ColSpec(Array(DataType.float), "probabilities"),
+            ColSpec(DataType.float, "confidence"),
+            ColSpec(DataType.boolean, "abstain"),
+        ]
     ),
 )
 TORCH_SIGNATURE = ModelSignature(
@@ -92,10 +98,17 @@ def _onnx_probabilities(onnx_path: Path, pixels: np.ndarray) -> np.ndarray:
 
 
 def log_served_model(
-    onnx_path: Path, check_pixels: np.ndarray, expected_probabilities: np.ndarray
+    onnx_path: Path,
+    check_pixels: np.ndarray,
+    expected_probabilities: np.ndarray,
+    *,
+    abstain_below: float,
 ) -> tuple[str, str, float]:
     """Check an ONNX graph against the trainer's probabilities and log it as the served
     pyfunc ``model`` in the active run; returns (model_uri, model_id, max_abs_diff).
+
+    abstain_below: the confidence under which the model says it is not sure (see
+    abstention.py), logged in its model_config.
 
     check_pixels: (N, 1, 28, 28) raw 0-255 digits (any numeric dtype); the first two are
     the input example. expected_probabilities: (N, 10), the trainer's own answer on them.
@@ -110,6 +123,8 @@ def log_served_model(
     if not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 255):
         raise MnistflowError("check_pixels must be raw 0-255 values, as the served model takes.")
     pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+    if not 0 <= abstain_below <= 1:
+        raise MnistflowError(f"abstain_below must be a probability in [0, 1]; got {abstain_below}.")
     expected = np.asarray(expected_probabilities)
     if expected.shape != (len(pixels), 10):
         raise MnistflowError(
@@ -136,13 +151,15 @@ def log_served_model(
         signature=PYFUNC_SIGNATURE,
         input_example=pixels[:2, 0],  # (2, 28, 28): the documented request shape
         pip_requirements=_pins("mlflow", "onnxruntime", "numpy", "pandas"),
-        # Declared so that a loader may override it (batch work asks for all cores).
-        model_config={"intra_op_threads": 1},
+        # Declared so that a loader may override them (batch work asks for all cores).
+        model_config={"intra_op_threads": 1, abstention.CONFIG_KEY: float(abstain_below)},
     )
     return str(logged.model_uri), str(logged.model_id), max_diff
 
 
-def log_torch_models(network: nn.Module, check_images: torch.Tensor, workdir: Path) -> LoggedModels:
+def log_torch_models(
+    network: nn.Module, check_images: torch.Tensor, workdir: Path, *, abstain_below: float
+) -> LoggedModels:
     """Export network to ONNX, log it as the served model, and log the torch module (pt2)
     beside it, in the active run.
 
@@ -159,7 +176,9 @@ def log_torch_models(network: nn.Module, check_images: torch.Tensor, workdir: Pa
     with torch.inference_mode():
         expected = network(torch.from_numpy(pixels)).softmax(1).numpy()
     onnx_path = export.to_onnx(network, workdir / "model.onnx")
-    model_uri, model_id, max_diff = log_served_model(onnx_path, pixels, expected)
+    model_uri, model_id, max_diff = log_served_model(
+        onnx_path, pixels, expected, abstain_below=abstain_below
+    )
     pytorch = mlflow.pytorch.log_model(
         network,
         name="pytorch",

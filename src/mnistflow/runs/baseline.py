@@ -19,7 +19,7 @@ from mnistflow.engines.sklearn import (
     sklearn_autolog,
     to_onnx,
 )
-from mnistflow.lifecycle import logged_models
+from mnistflow.lifecycle import abstention, logged_models
 from mnistflow.recording import (
     TrainSummary,
     ask_registration,
@@ -97,10 +97,18 @@ def baseline_run(
             "autolog_seconds": fit_ended - fit_started - train_seconds,
         }
 
+        nondigits = splits.nondigits
+        judged = abstention.measure(
+            val_probabilities,
+            probabilities,
+            labels,
+            None if nondigits is None else pipeline.predict_proba(flat(nondigits.numpy())),
+        )
+        final.update(judged.metrics)
         check_pixels = test_images[:256].astype(np.float32)  # (256, 1, 28, 28) 0-255
         onnx_path = to_onnx(pipeline, out / "model.onnx")
         model_uri, model_id, max_diff = logged_models.log_served_model(
-            onnx_path, check_pixels, probabilities[:256]
+            onnx_path, check_pixels, probabilities[:256], abstain_below=judged.below
         )
         final["onnx_max_abs_diff"] = max_diff
         run.log_results(test_accuracy, final, model_id)

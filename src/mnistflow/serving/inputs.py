@@ -133,12 +133,28 @@ def images_to_pixels(images: Sequence[tuple[str, bytes]]) -> np.ndarray:
     return np.stack(digits)
 
 
-def predictions(labels: np.ndarray, probabilities: np.ndarray) -> list[dict[str, Any]]:
-    """The rows MLflow's scoring server writes for this model: label and ten probabilities.
+def predictions(
+    labels: np.ndarray, probabilities: np.ndarray, abstain_below: float | None = None
+) -> list[dict[str, Any]]:
+    """The rows MLflow's scoring server writes for this model: label and ten probabilities,
+    and, for a model logged with an abstain threshold, the label's probability as confidence
+    and whether it is under the threshold (as classifier_model.py's predict() computes them).
 
     tolist() gives Python floats, so the numbers print exactly as MLflow prints them.
     """
+    if abstain_below is None:
+        return [
+            {"label": label, "probabilities": probs}
+            for label, probs in zip(labels.tolist(), probabilities.tolist(), strict=True)
+        ]
+    confidence = probabilities.max(axis=1)
     return [
-        {"label": label, "probabilities": probs}
-        for label, probs in zip(labels.tolist(), probabilities.tolist(), strict=True)
+        {"label": label, "probabilities": probs, "confidence": sure, "abstain": no}
+        for label, probs, sure, no in zip(
+            labels.tolist(),
+            probabilities.tolist(),
+            confidence.tolist(),
+            (confidence < abstain_below).tolist(),
+            strict=True,
+        )
     ]

@@ -44,6 +44,12 @@ class ServedModel:
     source: str  # what was loaded
     classifier: Classifier
 
+    @property
+    def abstain_below(self) -> float | None:
+        """The model's abstain threshold; None for a model logged without one."""
+        below = getattr(self.classifier, "abstain_below", None)
+        return None if below is None else float(below)
+
     def describe(self) -> dict[str, str | None]:
         return {"name": self.name, "version": self.version, "run_id": self.run_id}
 

@@ -13,6 +13,15 @@ from mnistflow.serving.inputs import INVOCATION_FORMATS
 class Prediction(BaseModel):
     label: int = Field(ge=0, le=9)
     probabilities: list[float] = Field(min_length=10, max_length=10)
+    # Absent for a model logged without an abstain threshold (by an earlier mnistflow).
+    confidence: float | None = Field(
+        default=None, ge=0, le=1, description="The label's probability."
+    )
+    abstain: bool | None = Field(
+        default=None,
+        description="True when the model is not sure this is a digit: its confidence is under "
+        "the threshold chosen on validation digits and logged with the model.",
+    )
 
 
 class ModelRef(BaseModel):

@@ -19,7 +19,7 @@ from mnistflow.config import (
 )
 from mnistflow.engines.plain import evaluate
 from mnistflow.lifecycle import logged_models, networks, registry
-from mnistflow.recording import class_metrics, log_test_reports
+from mnistflow.recording import class_metrics, judge, log_test_reports
 from mnistflow.store.checks import resolve_tracking_uri
 from mnistflow.store.uris import redact
 from mnistflow.sweep.definition import SweepConfig, SweepDefinition, SweepSummary
@@ -181,8 +181,12 @@ def _finish_best(
         resume = dataclasses.replace(
             tracking, resume_run_id=run_id, parent_run_id=None, system_metrics=False
         )
+        judged = judge(network, splits, test)
+        final.update(judged.metrics)
         with TrackedRun(resume) as run:
-            logged = logged_models.log_torch_models(network, splits.test.images[:256], out)
+            logged = logged_models.log_torch_models(
+                network, splits.test.images[:256], out, abstain_below=judged.below
+            )
             final["onnx_max_abs_diff"] = logged.onnx_max_abs_diff
             run.log_results(test.accuracy, final, logged.model_id)
             log_test_reports(

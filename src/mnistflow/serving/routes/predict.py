@@ -73,7 +73,8 @@ async def predict(request: Request) -> Response:
     labels, probabilities = await service.batcher.classify(served, pixels)
     service.metrics.observe_batch("/predict", len(labels))
     model = {"name": served.name, "version": served.version}
-    return answer(served, {"model": model, "predictions": predictions(labels, probabilities)})
+    rows = predictions(labels, probabilities, served.abstain_below)
+    return answer(served, {"model": model, "predictions": rows})
 
 
 async def invocations(request: Request) -> Response:
@@ -85,7 +86,7 @@ async def invocations(request: Request) -> Response:
     pixels = as_array(invocation_pixels(payload), service.config.max_images)
     labels, probabilities = await service.batcher.classify(served, pixels)
     service.metrics.observe_batch("/invocations", len(labels))
-    return answer(served, {"predictions": predictions(labels, probabilities)})
+    return answer(served, {"predictions": predictions(labels, probabilities, served.abstain_below)})
 
 
 def router(config: ServeConfig) -> APIRouter:

@@ -41,9 +41,16 @@ function showModel(model) {
 
 function showPrediction(prediction) {
   const probabilities = prediction ? prediction.probabilities : null;
-  labelView.textContent = prediction ? String(prediction.label) : "–";
+  // abstain: the model's confidence is under the threshold logged with it, so it says so
+  // rather than show a digit it does not believe (a model without a threshold never does).
+  const unsure = Boolean(prediction && prediction.abstain);
+  const percent = prediction ? `${(probabilities[prediction.label] * 100).toFixed(1)}%` : "";
+  labelView.textContent = prediction ? (unsure ? "?" : String(prediction.label)) : "–";
+  labelView.classList.toggle("unsure", unsure);
   confidenceView.textContent = prediction
-    ? `${(probabilities[prediction.label] * 100).toFixed(1)}% sure`
+    ? unsure
+      ? `not sure this is a digit (best guess ${prediction.label}, ${percent})`
+      : `${percent} sure`
     : "";
   bars.forEach((bar, digit) => {
     const p = probabilities ? probabilities[digit] : 0;
