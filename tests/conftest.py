@@ -284,3 +284,19 @@ def as_user(team: Any, user: str | None, password: str | None = None) -> Iterato
 # `make test` runs pytest-xdist with --dist loadgroup: the test files that share a costly
 # session resource (the team stack: PostgreSQL, S3 and an MLflow server; the Spark session)
 # mark themselves xdist_group("team") or ("spark"), so one worker starts it once.
+
+
+def assert_abstention_logged(client: MlflowClient, run_id: str) -> None:
+    """A training run's abstain measures: logged, in range, and the threshold the same as
+    the one its served model carries (whoever trained it)."""
+    metrics = client.get_run(run_id).data.metrics
+    assert 0 < metrics["abstain_below"] < 1
+    assert 0 < metrics["test_abstain_rate"] <= 0.1  # about 2%, chosen on validation
+    assert metrics["test_accuracy_answered"] >= metrics["test_accuracy"]
+    assert 0.5 < metrics["nondigit_auroc"] <= 1 and 0 < metrics["nondigit_abstain_rate"] <= 1
+    (model,) = client.search_logged_models(
+        [client.get_run(run_id).info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = 'model'",
+    )
+    config = mlflow.pyfunc.load_model(model.artifact_location).model_config
+    assert config["abstain_below"] == metrics["abstain_below"]

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
 from mlflow.utils.autologging_utils import autologging_is_disabled
 
-from conftest import run_cli
+from conftest import assert_abstention_logged, run_cli
 from mnistflow import data
 from mnistflow.config import DataConfig
 from mnistflow.lifecycle import registry
@@ -74,6 +74,7 @@ def test_autolog_logs_into_our_run_and_opens_no_other(baseline):
     assert {"val_accuracy", "test_accuracy", "test_macro_f1", "train_seconds"} <= set(metrics)
     assert {f"test_accuracy_digit_{d}" for d in range(10)} <= set(metrics)
     assert metrics["test_accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert_abstention_logged(client, run.info.run_id)
     assert tags["trainer"] == "scikit-learn" and tags["team"] == "digits"
     assert tags["mlflow.note.content"] == "the linear baseline"
     assert "git_commit" in tags and "dataset_digest" in tags
@@ -104,7 +105,8 @@ def test_served_model_has_the_cnn_contract_and_agrees_with_autologs_model(baseli
     mlflow.set_tracking_uri(baseline["uri"])
     info = mlflow.models.get_model_info(summary["model_uri"])
     assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 28, 28)
-    assert [c["name"] for c in info.signature.outputs.to_dict()] == ["label", "probabilities"]
+    outputs = [c["name"] for c in info.signature.outputs.to_dict()]
+    assert outputs == ["label", "probabilities", "confidence", "abstain"]
 
     test = data.load(DataConfig(limit_train=100)).test
     pixels = test.images[:300].numpy().astype(np.float32)  # (300, 1, 28, 28) 0-255

@@ -3,6 +3,7 @@ parity between the trained module, the logged pyfunc and the ONNX export."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 from pathlib import Path
@@ -93,7 +94,13 @@ def test_predict_idx_reports_accuracy_and_writes_csv(champion, tmp_path: Path):
     assert result.exit_code == 0, result.stderr
     assert "10000 digits classified" in result.stderr and "accuracy" in result.stderr
     lines = output.read_text().splitlines()
-    assert lines[0] == "source,label,probability,true_label" and len(lines) == 10001
+    assert lines[0] == "source,label,probability,abstain,true_label" and len(lines) == 10001
+    # The rows flagged are those under the model's threshold, and the summary counts them.
+    below = inference.load_classifier("models:/mnist@champion")[0].abstain_below
+    rows = list(csv.DictReader(lines))
+    assert all((row["abstain"] == "True") == (float(row["probability"]) < below) for row in rows)
+    unsure = sum(row["abstain"] == "True" for row in rows)
+    assert 0 < unsure < 1000 and f"not sure of {unsure}" in result.stderr
 
 
 def test_predict_npy_to_stdout_and_bad_arrays(champion, test_split, tmp_path: Path):
@@ -101,7 +108,7 @@ def test_predict_npy_to_stdout_and_bad_arrays(champion, test_split, tmp_path: Pa
     np.save(good, test_split.images[:5, 0].numpy())
     result = run_cli("predict", str(good))
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.splitlines()[0] == "source,label,probability"
+    assert result.stdout.splitlines()[0] == "source,label,probability,abstain"
     assert len(result.stdout.splitlines()) == 6
     # Every way an array can be wrong is in test_pixels.py; here, that it ends as one line.
     hot = tmp_path / "hot.npy"

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import MNISTFLOW, free_port, run_cli
+from conftest import MNISTFLOW, assert_abstention_logged, free_port, run_cli
 from mnistflow import data
 from mnistflow.config import DataConfig
 from mnistflow.engines import lightning as lightning_train
@@ -102,6 +102,7 @@ def test_one_run_holds_autologs_records_and_ours(lightning):
     assert metrics["test_accuracy"] > 0.8
     assert steps(client, run.info.run_id, "test_accuracy") == [0]  # once, not also by autolog
     assert "test_macro_f1" in metrics and "onnx_max_abs_diff" in metrics
+    assert_abstention_logged(client, run.info.run_id)
     logged = client.search_logged_models(
         [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
     )

@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import MNISTFLOW, run_cli
+from conftest import MNISTFLOW, assert_abstention_logged, run_cli
 from mnistflow.config import preset_config
 from mnistflow.lifecycle import networks as models
 from mnistflow.lifecycle import registry
@@ -152,7 +152,10 @@ def test_register_makes_the_best_model_the_challenger(swept):
     mlflow.set_tracking_uri(swept["uri"])
     model = mlflow.pyfunc.load_model("models:/swept@challenger")
     out = model.predict(torch.zeros(2, 28, 28).numpy())
-    assert list(out.columns) == ["label", "probabilities"] and len(out) == 2
+    assert list(out.columns) == ["label", "probabilities", "confidence", "abstain"]
+    assert len(out) == 2
+    # The best trial's model carries its abstain threshold, chosen on validation like any.
+    assert_abstention_logged(client, swept["best_run_id"])
 
 
 def test_joining_with_a_different_definition_is_refused(swept, monkeypatch):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST_ARGS, run_cli
+from conftest import FAST_ARGS, assert_abstention_logged, run_cli
 from mnistflow.config import MnistflowError, TrainConfig
 from mnistflow.data import DATASET_DIGEST
 from mnistflow.engines.plain import native_bf16, resolve
@@ -134,6 +134,7 @@ def test_step_and_epoch_metric_histories(tracked):
     assert 0.8 < metrics["test_macro_f1"] <= 1
     assert all(0 <= metrics[f"test_accuracy_digit_{d}"] <= 1 for d in range(10))
     assert metrics["train_seconds"] == pytest.approx(summary["train_seconds"])
+    assert_abstention_logged(client, run_id)
 
 
 def test_system_metrics_are_recorded(tracked):
