@@ -258,7 +258,7 @@ def test_pipeline_loads_mnist_once(store: str, tmp_path: Path, cli, monkeypatch)
     monkeypatch.setattr(data, "load", counted)
     result = cli(
         "pipeline", "--limit-train", "2000", "--epochs", "2", "--min-accuracy", "0.5",
-        "--tracking-uri", store, "--json",
+        "--min-writers-accuracy", "0.5", "--tracking-uri", store, "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     outcome = result.json()

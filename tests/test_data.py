@@ -90,7 +90,7 @@ def test_download_verifies_and_caches(http_mirror: tuple[str, Path], tmp_path: P
     cache = tmp_path / "cache"
     splits = data.load(DataConfig(mirror=url, data_dir=cache))
     assert len(splits.test) == 10000 and splits.source == url
-    assert sorted(p.name for p in cache.iterdir()) == sorted(data.FILES)
+    assert sorted(p.name for p in cache.glob("*.gz")) == sorted(data.FILES)
 
 
 def test_download_of_a_wrong_file_never_lands_in_the_cache(

@@ -108,35 +108,56 @@ def test_promotion_sets_first_champion_then_refuses_worse_and_too_weak(registere
     model_name = fresh_name("digits")
     name = ["--model-name", model_name]
     assert run_cli("register", runs["good"]["run_id"], *name).exit_code == 0
-    first = run_cli("promote", *name, "--min-accuracy", "0.8", "--json")
+    # Too weak on other writers' digits (the second floor): refused after its test score.
+    weak = run_cli("promote", *name, "--min-accuracy", "0.8", "--min-writers-accuracy", "0.9999")
+    assert weak.exit_code == 0, weak.stderr
+    assert "not promoted: v1 accuracy on other writers' digits" in " ".join(weak.stdout.split())
+    assert registry.alias_version(client, model_name, "champion") is None
+
+    first = run_cli(
+        "promote", *name, "--min-accuracy", "0.8", "--min-writers-accuracy", "0.5", "--json"
+    )
     assert first.exit_code == 0, first.stderr
     decision = first.json()
     assert decision["promoted"] is True and decision["champion_version"] == "1"
     assert decision["previous_champion_version"] is None
+    assert "on other writers' digits" in decision["reason"]
+    assert [e["role"] for e in decision["evidence"]] == ["challenger", "challenger, other writers"]
     assert registry.alias_version(client, model_name, "challenger") is None
     eval_run = client.get_run(decision["evaluation_run_id"])
     assert eval_run.data.tags["promoted"] == "true"
     assert eval_run.data.params["test_size"] == "10000"
-    (child,) = client.search_runs(
+    assert eval_run.data.params["writers_size"] == "4000"
+    children = client.search_runs(
         [eval_run.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{eval_run.info.run_id}'",
     )
-    assert child.data.metrics["accuracy_score"] == pytest.approx(
-        decision["evidence"][0]["metrics"]["accuracy_score"]
-    )
-    # The trained model itself scores the same on the same test set as it did in training.
+    by_role = {child.data.tags["role"]: child for child in children}
+    for i, role in enumerate(("challenger", "challenger, other writers")):
+        assert by_role[role].data.metrics["accuracy_score"] == pytest.approx(
+            decision["evidence"][i]["metrics"]["accuracy_score"]
+        )
+    # The trained model itself scores the same on the same digits as it did in training.
+    trained = client.get_run(runs["good"]["run_id"]).data.metrics
     assert decision["evidence"][0]["metrics"]["accuracy_score"] == pytest.approx(
         runs["good"]["test_accuracy"], abs=1e-4
+    )
+    assert decision["evidence"][1]["metrics"]["accuracy_score"] == pytest.approx(
+        trained["writers_accuracy"], abs=1e-4
     )
 
     # The poor run is far worse than the champion: refused, @champion stays at 1.
     poor = run_cli("register", runs["poor"]["run_id"], *name, "--json")
     assert poor.exit_code == 0, poor.stderr
     poor_version = poor.json()["version"]
-    refused = run_cli("promote", *name, "--min-accuracy", "0.1", "--margin", "0.01", "--json")
+    refused = run_cli(
+        "promote", *name, "--min-accuracy", "0.1", "--min-writers-accuracy", "0",
+        "--margin", "0.01", "--json",
+    )  # fmt: skip
     assert refused.json()["promoted"] is False
     assert "worse than champion v1" in refused.json()["reason"]
-    assert [e["role"] for e in refused.json()["evidence"]] == ["challenger", "champion"]
+    roles = [e["role"] for e in refused.json()["evidence"]]
+    assert roles == ["challenger", "challenger, other writers", "champion"]
     assert registry.alias_version(client, model_name, "champion") == "1"
     assert registry.alias_version(client, model_name, "challenger") == poor_version
     assert (
@@ -153,7 +174,10 @@ def test_promotion_sets_first_champion_then_refuses_worse_and_too_weak(registere
     assert registry.alias_version(client, model_name, "champion") == "1"
 
     # Forced through with a generous margin, then rolled back.
-    forced = run_cli("promote", *name, "--min-accuracy", "0.1", "--margin", "1", "--json")
+    forced = run_cli(
+        "promote", *name, "--min-accuracy", "0.1", "--min-writers-accuracy", "0",
+        "--margin", "1", "--json",
+    )  # fmt: skip
     assert forced.json()["promoted"] is True
     assert registry.champion_history(client, model_name) == ["1", poor_version]
     back = run_cli("rollback", *name, "--json")

@@ -36,7 +36,7 @@ def team_run(team: TeamStack, tmp_path_factory: pytest.TempPathFactory) -> dict[
     assert not [k for k in env if k.startswith("AWS_") or "S3" in k]
     done = subprocess.run(
         [*MNISTFLOW, "pipeline", "--limit-train", "2000", "--epochs", "1",
-         "--min-accuracy", "0.5", "--json"],
+         "--min-accuracy", "0.5", "--min-writers-accuracy", "0.5", "--json"],
         env=env, cwd=folder, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

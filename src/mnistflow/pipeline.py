@@ -41,6 +41,8 @@ def run_pipeline(
     margin: float = 0.002,
     samples: Path = Path("sample-digits"),
     progress: Reporter | None = None,
+    *,
+    min_writers_accuracy: float = promotion.MIN_WRITERS_ACCURACY,
 ) -> dict[str, Any]:
     """The whole job: train and register, promote by evaluation, classify sample digits."""
     # Loaded (and verified) once, for training, the promotion's evaluation and the samples.
@@ -57,8 +59,10 @@ def run_pipeline(
         model_name,
         version=summary.registered_version,
         min_accuracy=min_accuracy,
+        min_writers_accuracy=min_writers_accuracy,
         margin=margin,
         test=splits.test,
+        writers=splits.writers,
     )
     truth = write_sample_digits(splits.test, samples)
     classifier, _ = batch.load_classifier(f"models:/{model_name}@champion")

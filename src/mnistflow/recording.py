@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +164,9 @@ def data_record(data_config: DataConfig, splits: data.MnistSplits) -> dict[str, 
         "test_size": len(splits.test),
         # Non-digits the abstain flag was measured on (0: none, no nondigit_* metrics).
         "nondigits_size": 0 if splits.nondigits is None else len(splits.nondigits),
+        # Other writers' digits (0: no handwriting font installed, no writers_accuracy).
+        "writers_size": 0 if splits.writers is None else len(splits.writers),
+        "writers_digest": None if splits.writers is None else splits.writers.digest,
     }
 
 
@@ -281,16 +284,32 @@ def record_outcome(
 
 
 def judge(model: nn.Module, splits: data.MnistSplits, test: Evaluation) -> abstention.Abstention:
-    """A trained network's abstain threshold, chosen on the validation digits, and what it
-    does on the test digits and the non-digits (see lifecycle/abstention.py)."""
+    """A trained network beyond the test set: its abstain threshold, chosen on the
+    validation digits, what it does on the test digits and the non-digits (see
+    lifecycle/abstention.py), and its accuracy on other writers' digits; all in .metrics."""
     val = outputs(model, splits.val.images).softmax(1).numpy()
     nondigits = None if splits.nondigits is None else outputs(model, splits.nondigits)
-    return abstention.measure(
+    judged = abstention.measure(
         val,
         test.probabilities.numpy(),
         splits.test.labels.numpy(),
         None if nondigits is None else nondigits.softmax(1).numpy(),
     )
+    judged.metrics.update(
+        writers_metrics(splits, lambda images: outputs(model, images).argmax(1).numpy())
+    )
+    return judged
+
+
+def writers_metrics(
+    splits: data.MnistSplits, predict: Callable[[torch.Tensor], np.ndarray]
+) -> dict[str, float]:
+    """writers_accuracy: predict's labels on the other-writers digits (data/writers.py)
+    against theirs; nothing where that set is not installed."""
+    if splits.writers is None:
+        return {}
+    right = predict(splits.writers.images) == splits.writers.labels.numpy()
+    return {"writers_accuracy": float(right.mean())}
 
 
 def _log_weights(

@@ -8,7 +8,14 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mnistflow.cli.options import JsonOut, Margin, MinAccuracy, ModelName, TrackingUri
+from mnistflow.cli.options import (
+    JsonOut,
+    Margin,
+    MinAccuracy,
+    MinWritersAccuracy,
+    ModelName,
+    TrackingUri,
+)
 from mnistflow.cli.output import out, print_result
 from mnistflow.config import MODEL_NAME
 
@@ -75,6 +82,7 @@ def promote(
         ),
     ] = None,
     min_accuracy: MinAccuracy = 0.99,
+    min_writers_accuracy: MinWritersAccuracy = 0.9,
     margin: Margin = 0.002,
     tracking_uri: TrackingUri = None,
     as_json: JsonOut = False,
@@ -86,7 +94,12 @@ def promote(
 
     uri = use_store(tracking_uri)
     decision = run_promotion(
-        uri, model_name, version=version, min_accuracy=min_accuracy, margin=margin
+        uri,
+        model_name,
+        version=version,
+        min_accuracy=min_accuracy,
+        min_writers_accuracy=min_writers_accuracy,
+        margin=margin,
     ).as_dict()
     if as_json:
         print_result(decision, True, "")

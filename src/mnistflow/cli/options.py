@@ -105,6 +105,17 @@ MinAccuracy = Annotated[
 ]
 
 
+MinWritersAccuracy = Annotated[
+    float,
+    typer.Option(
+        min=0,
+        max=1,
+        help="Floor on the challenger's accuracy on digits by writers outside MNIST "
+        "(skipped where the handwriting fonts are not installed).",
+    ),
+]
+
+
 Margin = Annotated[
     float,
     typer.Option(min=0, max=1, help="How much worse than the champion the challenger may be."),

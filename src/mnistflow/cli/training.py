@@ -23,6 +23,7 @@ from mnistflow.cli.options import (
     LimitTrain,
     Margin,
     MinAccuracy,
+    MinWritersAccuracy,
     ModelName,
     PrecisionOption,
     Preset,
@@ -251,6 +252,7 @@ def pipeline(
     limit_train: LimitTrain = None,
     model_name: ModelName = MODEL_NAME,
     min_accuracy: MinAccuracy = 0.99,
+    min_writers_accuracy: MinWritersAccuracy = 0.9,
     margin: Margin = 0.002,
     samples: Annotated[
         Path, typer.Option(help="Folder for the sample test digits written as PNGs.")
@@ -285,6 +287,7 @@ def pipeline(
             margin,
             samples,
             bar,
+            min_writers_accuracy=min_writers_accuracy,
         )
     finally:
         bar.stop()

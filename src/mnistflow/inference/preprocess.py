@@ -1,9 +1,7 @@
 """Turn any picture of one digit into an MNIST-style 28x28 image.
 
-MNIST was made by fitting each digit into a 20x20 box (keeping its aspect ratio) and
-centring that box by its centre of mass in a 28x28 field, white ink on black. Photos and
-drawings of any size, colour or polarity go through the same steps here, so the model sees
-what it was trained on.
+Photos and drawings of any size, colour or polarity are decoded here and go through MNIST's
+own preparation (data/style.py), so the model sees what it was trained on.
 """
 
 from __future__ import annotations
@@ -14,11 +12,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# ImageError is raised here too, and caught by the callers under this module's name.
+from mnistflow.data.style import ImageError as ImageError
+from mnistflow.data.style import mnist_style
+
 MAX_PIXELS = 40_000_000  # refuse decompression bombs long before they exhaust memory
-
-
-class ImageError(ValueError):
-    """The bytes are not a usable image of a digit; the message says why in one sentence."""
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -42,44 +40,6 @@ def to_grey(image: Image.Image) -> np.ndarray:
         paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(paper, rgba)
     return np.asarray(image.convert("L"), dtype=np.float32)
-
-
-def mnist_style(grey: np.ndarray) -> np.ndarray:
-    """A grey picture of one digit (H, W) -> (28, 28) float32, white digit on black, 0-255."""
-    if grey.ndim != 2 or min(grey.shape) < 1:
-        raise ImageError(f"expected a 2-D grey image, got shape {grey.shape}.")
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    # The border is background: a light border means dark ink on light paper, so invert.
-    if np.median(border) > 127:
-        grey = 255 - grey
-        border = 255 - border
-    background = float(np.median(border))
-    ink = float(np.percentile(grey, 99.9))
-    if ink - background < 32:
-        raise ImageError("the image is blank: no digit stands out from the background.")
-    # Stretch background..ink to 0..255 and drop the background's noise and texture.
-    levels = np.clip((grey - background) / (ink - background), 0, 1) * 255
-    levels[levels < 0.15 * 255] = 0
-
-    rows, cols = np.flatnonzero(levels.any(1)), np.flatnonzero(levels.any(0))
-    digit = levels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    h, w = digit.shape
-    scale = 20 / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    boxed = np.asarray(
-        Image.fromarray(digit.astype(np.float32), mode="F").resize(size, Image.Resampling.LANCZOS),
-        dtype=np.float32,
-    ).clip(0, 255)
-
-    # Place the digit so its centre of mass lands on pixel (14, 14), where MNIST put it.
-    total = boxed.sum()
-    ys, xs = np.indices(boxed.shape)
-    cy, cx = (ys * boxed).sum() / total, (xs * boxed).sum() / total
-    top = int(np.clip(round(14 - cy), 0, 28 - boxed.shape[0]))
-    left = int(np.clip(round(14 - cx), 0, 28 - boxed.shape[1]))
-    field = np.zeros((28, 28), dtype=np.float32)
-    field[top : top + boxed.shape[0], left : left + boxed.shape[1]] = boxed
-    return field
 
 
 def image_to_digit(data: bytes | Image.Image | Any) -> np.ndarray:

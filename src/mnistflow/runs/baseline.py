@@ -30,6 +30,7 @@ from mnistflow.recording import (
     settle,
     summarize,
     tracking_record,
+    writers_metrics,
 )
 from mnistflow.tracking import TrackedRun
 
@@ -105,6 +106,7 @@ def baseline_run(
             None if nondigits is None else pipeline.predict_proba(flat(nondigits.numpy())),
         )
         final.update(judged.metrics)
+        final.update(writers_metrics(splits, lambda images: pipeline.predict(flat(images.numpy()))))
         check_pixels = test_images[:256].astype(np.float32)  # (256, 1, 28, 28) 0-255
         onnx_path = to_onnx(pipeline, out / "model.onnx")
         model_uri, model_id, max_diff = logged_models.log_served_model(

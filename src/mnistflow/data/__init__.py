@@ -1,7 +1,15 @@
-"""MNIST: fetch the four original IDX files (verified), parse them into tensors, split.
+"""The data: MNIST's four original IDX files fetched (verified), parsed into tensors and
+split; beside them, the images every trained model is also measured on.
 
 The images stay uint8 in memory, shaped (N, 1, 28, 28); the network scales them itself,
 so the trainer, the logged model and the server all take the same raw 0-255 pixels.
+
+- style.py: how MNIST prepared a digit (20x20 box, centred by mass in 28x28), for uploads too
+- writers.py: digits by writers outside MNIST (handwriting fonts, page-style strokes), built
+  offline and cached: the robustness measure
+- here: MNIST itself, and Fashion-MNIST's test images as the non-digits (read_nondigits)
+
+Imports config and store only.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mnistflow.config import NONDIGITS_FOLDER, DataConfig, MnistflowError
+from mnistflow.data import writers
 from mnistflow.store.uris import redact
 
 if TYPE_CHECKING:
@@ -62,6 +71,8 @@ class MnistSplits:
     # Images that are not digits (N, 1, 28, 28) uint8, to measure abstention; None when
     # DataConfig.nondigits names no folder, or the default one is not installed.
     nondigits: torch.Tensor | None = None
+    # Digits by writers outside MNIST (writers.py); None when no handwriting font is installed.
+    writers: Split | None = None
 
 
 def sha256(path: Path) -> str:
@@ -212,6 +223,7 @@ def load(config: DataConfig) -> MnistSplits:
         train_idx = train_idx[: config.limit_train]
     test_idx = torch.arange(len(test_y))
     nondigits = read_nondigits(config)
+    others = writers.load(config)
 
     def split(name: str, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> Split:
         digest = hashlib.sha256(DATASET_DIGEST.encode() + idx.numpy().tobytes()).hexdigest()[:16]
@@ -225,4 +237,7 @@ def load(config: DataConfig) -> MnistSplits:
         # Recorded with every run (params, dataset inputs): a mirror's login stays out.
         source=redact(source),
         nondigits=None if nondigits is None else torch.from_numpy(nondigits.copy()).unsqueeze(1),
+        writers=None
+        if others is None
+        else Split("writers", torch.from_numpy(others[0]), torch.from_numpy(others[1]), others[2]),
     )
