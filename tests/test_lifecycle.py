@@ -58,7 +58,8 @@ def test_every_run_logs_a_pyfunc_and_a_torch_model(registered, client, test_spli
     assert set(by_name) == {"model", "pytorch"}
     info = mlflow.models.get_model_info(f"models:/{by_name['model'].model_id}")
     assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 28, 28)
-    assert [c["name"] for c in info.signature.outputs.to_dict()] == ["label", "probabilities"]
+    outputs = [c["name"] for c in info.signature.outputs.to_dict()]
+    assert outputs == ["label", "probabilities", "confidence", "abstain"]
     # The input example is the first two test digits, in the documented request shape.
     local = mlflow.artifacts.download_artifacts(
         f"models:/{by_name['model'].model_id}", dst_path=str(tmp_path / "model")

@@ -129,7 +129,10 @@ def test_register_promote_predict_a_lightning_run(lightning, tmp_path: Path, mon
     # Our served pyfunc, not a torch flavour (the source is its artifact location).
     served = client.get_logged_model(summary["model_uri"].removeprefix("models:/"))
     assert version.source == served.artifact_location
-    promoted = run_cli("promote", "--model-name", "lit", "--min-accuracy", "0.8", "--json")
+    promoted = run_cli(
+        "promote", "--model-name", "lit", "--min-accuracy", "0.8",
+        "--min-writers-accuracy", "0.5", "--json",
+    )  # fmt: skip
     assert promoted.exit_code == 0 and promoted.json()["promoted"] is True, promoted.stdout
     test = data.load(DataConfig(limit_train=10)).test
     np.save(tmp_path / "digits.npy", test.images[:20, 0].numpy())
