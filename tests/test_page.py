@@ -1,7 +1,7 @@
 """The draw-a-digit page in a real headless Chromium (Debian's, driven by Playwright) against
 a real `mnistflow serve`: draw with the mouse and with touch, clear, upload, API key.
 
-Screenshots (page.png, page-phone.png) go to $MNISTFLOW_TEST_ARTIFACTS when it is set (CI keeps
+Screenshots (page.png, page-not-sure.png, page-phone.png) go to $MNISTFLOW_TEST_ARTIFACTS when it is set (CI keeps
 them), else to pytest's temporary folder: never into the working tree.
 """
 
@@ -212,6 +212,8 @@ def test_draw_a_digit_see_the_prediction(server: str, browser: Browser, screensh
     )
     expect(page.locator("#label")).to_have_text("?")
     assert assert_prediction_shown(page)["label"] == "?"
+    page.wait_for_timeout(300)
+    page.screenshot(path=screenshots / "page-not-sure.png", full_page=True)
     page.close()
 
 

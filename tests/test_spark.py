@@ -106,6 +106,8 @@ def test_spark_matches_local_predict_on_the_test_set(
     assert np.array_equal(frame["true_label"].to_numpy(), labels)
     assert np.abs(probabilities_of(frame) - expected).max() < 1e-5
     assert np.allclose(frame["probability"], [r["probability"] for r in local_rows], atol=1e-5)
+    # The model's abstain flag, as `mnistflow predict` gives it, for every digit.
+    assert frame["abstain"].tolist() == [r["abstain"] for r in local_rows]
 
 
 @pytest.mark.usefixtures("spark")

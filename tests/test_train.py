@@ -72,6 +72,20 @@ def test_fast_preset_learns_and_reports_every_step_in_order(small: data.MnistSpl
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("preset", ["balanced", "quality"])
+def test_the_other_presets_run_and_learn_on_a_short_slice(small: data.MnistSplits, preset: str):
+    """The recipe, not its promise (that is bench_presets.py's): two epochs of it on 2,000
+    digits, augmentation and all, learn well beyond chance."""
+    recorder = Recorder()
+    config = preset_config(preset, epochs=2, device="cpu")
+    assert config.augment  # both train on randomly moved digits
+    result = fit(config, small.train, small.val, recorder)
+    first, last = recorder.losses[:5], recorder.losses[-5:]
+    assert sum(last) / 5 < 0.6 * sum(first) / 5
+    assert evaluate(result.model, small.test).accuracy > 0.8
+
+
+@pytest.mark.slow
 def test_same_seed_gives_the_same_model_on_cpu(small: data.MnistSplits):
     config = preset_config("fast", epochs=1, device="cpu", seed=7)
     a = fit(config, small.train, small.val)
@@ -213,7 +227,7 @@ UNUSABLE = {
 
 def test_validate_checks_every_field_in_one_sentence():
     assert set(UNUSABLE) == {f.name for f in dataclasses.fields(TrainConfig)}
-    for preset in ("fast", "classic", "quality"):
+    for preset in ("fast", "balanced", "classic", "quality"):
         validate(preset_config(preset))
     for name, (value, words) in UNUSABLE.items():
         with pytest.raises(MnistflowError) as refused:

@@ -115,6 +115,9 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # A small LeNet-style CNN with a one-cycle Adam schedule: >= 99.0% in one epoch.
     "fast": TrainConfig(),
+    # The fast network for 5 epochs with random affine augmentation: >= 99.5% in under a
+    # minute of training on a 2-core CPU, and steadier on other writers' digits (README).
+    "balanced": TrainConfig(preset="balanced", epochs=5, augment=True),
     # The PyTorch example network and recipe (pytorch/examples mnist/main.py), as a reference.
     "classic": TrainConfig(
         preset="classic",
