@@ -86,9 +86,10 @@ browser:
 
 ## Benchmarks (over an hour): the whole command, training, tracking, inference, serving, engines,
 ## baseline, team stack, outages, sweeps.
-bench: setup wrk team-tools java
+bench: setup datasets wrk team-tools java
 	$(BIN)/python benchmarks/bench_command.py --fp32
 	$(BIN)/python benchmarks/bench_training.py
+	$(BIN)/python benchmarks/bench_presets.py
 	$(BIN)/python benchmarks/bench_inference.py
 	$(BIN)/python benchmarks/bench_spark.py
 	$(BIN)/python benchmarks/bench_serving.py
