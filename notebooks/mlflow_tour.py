@@ -574,9 +574,11 @@ except MlflowException as e:
 # model and registers it as a new version with `@challenger`; `mnistflow promote` then
 # evaluates `@challenger` and `@champion` on the test set with `mlflow.models.evaluate`, each
 # in a nested run under one "promote" run, and moves `@champion` only if
-# `mlflow.validate_evaluation_results` accepts the challenger on two rules: its accuracy is at
+# `mlflow.validate_evaluation_results` accepts the challenger on its rules: its accuracy is at
 # least `min_accuracy`, and it is not worse than the champion, measured now on the same
-# images, by more than `margin`. Below, the real code: two training runs on small slices
+# images, by more than `margin`. (The command adds a third, a floor on digits by writers
+# outside MNIST, `min_writers_accuracy`; handed only the test set, as here, `promote` checks
+# the first two.) Below, the real code: two training runs on small slices
 # (`plain.train_run`, what `mnistflow train` calls), each followed by
 # `promotion.promote` (what `mnistflow promote` calls). The floor suits these one-epoch runs
 # on a few thousand images; the command's defaults, 0.99 and 0.002, suit a full one.
