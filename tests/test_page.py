@@ -1,8 +1,8 @@
 """The draw-a-digit page in a real headless Chromium (Debian's, driven by Playwright) against
 a real `mnistflow serve`: draw with the mouse and with touch, clear, upload, API key.
 
-Screenshots (page.png, page-not-sure.png, page-phone.png) go to $MNISTFLOW_TEST_ARTIFACTS when it is set (CI keeps
-them), else to pytest's temporary folder: never into the working tree.
+Screenshots (page.png, page-not-sure.png, page-phone.png) go to $MNISTFLOW_TEST_ARTIFACTS
+when it is set (CI keeps them), else to pytest's temporary folder: never into the working tree.
 """
 
 from __future__ import annotations
