@@ -95,7 +95,9 @@ def load(config: DataConfig) -> tuple[np.ndarray, np.ndarray, str] | None:
 
 
 def build(
-    fonts: list[Path], per_font_digit: int = PER_FONT_DIGIT, per_stroke_digit: int = PER_STROKE_DIGIT
+    fonts: list[Path],
+    per_font_digit: int = PER_FONT_DIGIT,
+    per_stroke_digit: int = PER_STROKE_DIGIT,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render the set (about 12 s of CPU whole); same fonts, same digits."""
     rng = np.random.default_rng(SEED)
@@ -162,9 +164,11 @@ def affine(
     s = rng.uniform(1 - scale, 1 + scale)
     k = rng.uniform(-shear, shear)
     # affine_transform maps output coordinates (row, col) to input ones: the inverse map.
-    forward = s * np.array(
-        [[math.cos(turn), -math.sin(turn)], [math.sin(turn), math.cos(turn)]]
-    ) @ np.array([[1.0, 0.0], [k, 1.0]])
+    forward = (
+        s
+        * np.array([[math.cos(turn), -math.sin(turn)], [math.sin(turn), math.cos(turn)]])
+        @ np.array([[1.0, 0.0], [k, 1.0]])
+    )
     inverse = np.linalg.inv(forward)
     centre = (np.array(grey.shape) - 1) / 2
     return np.asarray(
