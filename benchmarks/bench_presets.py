@@ -77,7 +77,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["fast", "balanced"])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument(
+        "--report", action="store_true",
+        help="train nothing: print the table of the runs saved in results/presets.json",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.report:
+        saved = json.loads((RESULTS / "presets.json").read_text())
+        report({preset: runs for preset, runs in saved.items() if runs})
+        return
 
     results: dict[str, list[dict[str, Any]]] = {p: [] for p in args.presets}
     with tempfile.TemporaryDirectory(prefix="bench-presets-") as tmp:
@@ -86,12 +94,21 @@ def main() -> None:
                 store = Path(tmp) / f"{preset}-{seed}"
                 store.mkdir()
                 results[preset].append(train(preset, seed, store))
+                # Written after every run: a benchmark stopped early keeps what it measured.
+                RESULTS.mkdir(exist_ok=True)
+                (RESULTS / "presets.json").write_text(json.dumps(results, indent=1))
                 r = results[preset][-1]
                 print(
                     f"{preset} seed {seed}: test {r['test_accuracy']:.4f}, writers "
                     f"{r['writers_accuracy']:.4f}, train {r['train_seconds']:.1f} s",
                     flush=True,
                 )
+
+    report(results)
+
+
+def report(results: dict[str, list[dict[str, Any]]]) -> None:
+    """The README's table: per preset, medians and spreads over its seeds."""
 
     def spread(values: list[float], scale: float = 100, digits: int = 2) -> str:
         """median (mean ± sd), in percent by default."""
@@ -122,10 +139,9 @@ def main() -> None:
         "range", "other writers: median (mean ± sd)", "non-digit AUROC",
         "clothes / test digits turned away", "ONNX size", "cost per image",
     ]  # fmt: skip
-    print(f"\n{args.seeds} seeds each, interleaved:\n")
+    seeds = ", ".join(f"{preset}: {len(runs)}" for preset, runs in results.items())
+    print(f"\nSeeds run ({seeds}), interleaved:\n")
     print(table(header, rows))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "presets.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -218,6 +218,7 @@ def test_ddp_on_two_processes_gives_one_run_with_reduced_metrics(store: str, tmp
         (["--engine", "plain", "--resume", "abc"], 2, "needs --engine lightning"),
         (["--engine", "plain", "--devices", "2"], 2, "needs --engine lightning"),
         (["--resume", "0123456789abcdef0123456789abcdef"], 1, "No run with id"),
+        (["--members", "2"], 1, "The Lightning engine trains one network"),
     ],
 )
 @pytest.mark.slow

@@ -207,7 +207,7 @@ def test_trials_get_an_epoch_to_prune_at_unless_told_otherwise():
     assert SweepDefinition().trial_epochs() == 2
     assert SweepDefinition(pruner="none").trial_epochs() == 1
     assert SweepDefinition(epochs=1).trial_epochs() == 1
-    assert SweepDefinition(preset="quality").trial_epochs() == 20
+    assert SweepDefinition(preset="quality").trial_epochs() == 12
     assert SweepDefinition().base_config().epochs == 2
 
 

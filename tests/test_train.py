@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from mnistflow import data
 from mnistflow.config import DataConfig, MnistflowError, TrainConfig, preset_config, validate
 from mnistflow.engines.plain import augment, evaluate, fit, native_bf16, resolve
 from mnistflow.lifecycle import networks as models
+from mnistflow.lifecycle.export import onnx_probabilities, to_onnx
 from mnistflow.reporting import Reporter
 
 
@@ -83,6 +86,51 @@ def test_the_other_presets_run_and_learn_on_a_short_slice(small: data.MnistSplit
     first, last = recorder.losses[:5], recorder.losses[-5:]
     assert sum(last) / 5 < 0.6 * sum(first) / 5
     assert evaluate(result.model, small.test).accuracy > 0.8
+
+
+@pytest.mark.slow
+def test_members_are_the_networks_their_seeds_train_alone_answering_as_one(
+    small: data.MnistSplits,
+):
+    """An ensemble of 2 is the networks of seeds 5 and 6, weight for weight; its epochs and
+    steps are numbered on from one member to the next; it answers their mean probabilities."""
+    config = preset_config("fast", epochs=1, device="cpu", seed=5)
+    recorder = Recorder()
+    both = fit(dataclasses.replace(config, members=2), small.train, small.val, recorder)
+    alone = [fit(dataclasses.replace(config, seed=s), small.train, small.val) for s in (5, 6)]
+    assert isinstance(both.model, models.Ensemble) and len(both.model.members) == 2
+    for member, single in zip(both.model.members, alone, strict=True):
+        for (name, a), b in zip(
+            member.state_dict().items(), single.model.state_dict().values(), strict=True
+        ):
+            assert torch.equal(a, b), name
+    steps = len(alone[0].step_losses)
+    assert recorder.total == 2 * steps and recorder.steps == list(range(2 * steps))
+    assert both.step_losses == alone[0].step_losses + alone[1].step_losses
+    assert [epoch for epoch, _ in recorder.epochs] == [1, 2]
+    assert both.train_seconds == pytest.approx(sum(m["epoch_seconds"] for m in both.history))
+    mean = torch.stack([evaluate(r.model, small.test).probabilities for r in alone]).mean(0)
+    assert torch.allclose(evaluate(both.model, small.test).probabilities, mean, atol=1e-6)
+
+
+def test_an_ensemble_exports_to_one_onnx_graph_of_its_members_mean(tmp_path: Path):
+    """The served graph of an ensemble: the members' probabilities averaged in PyTorch, to
+    1e-4, for one image and for a batch of raw 0-255 pixels."""
+    torch.manual_seed(0)
+    members = [models.build("fast") for _ in range(3)]
+    for member in members:  # untrained networks answer near-uniformly: spread them out
+        for p in member.parameters():
+            p.data.mul_(3)
+    ensemble = models.Ensemble(members).eval()
+    path = to_onnx(ensemble, tmp_path / "ensemble.onnx")
+    pixels = torch.randint(0, 256, (64, 1, 28, 28)).float()
+    with torch.no_grad():
+        expected = torch.stack([m.eval()(pixels).softmax(1) for m in members]).mean(0).numpy()
+    assert expected.max(1).min() < 0.9 < expected.max()  # some confident, some not
+    for batch in (pixels[:1], pixels):
+        served = onnx_probabilities(path, batch.numpy())
+        np.testing.assert_allclose(served, expected[: len(batch)], atol=1e-4)
+    assert models.build("quality", members=2).members[1].__class__ is models.QualityNet
 
 
 @pytest.mark.slow
@@ -202,6 +250,7 @@ UNUSABLE = {
     "preset": ("", "preset must be a name"),
     "arch": ("resnet", "arch must be one of fast, classic, quality, got 'resnet'"),
     "epochs": (0, "epochs must be at least 1"),
+    "members": (1.5, "members must be at least 1"),
     "batch_size": (2.5, "batch size must be at least 1"),
     "optimizer": ("sgd", "optimizer must be one of adam, adadelta, got 'sgd'"),
     "lr": (float("nan"), "learning rate must be positive"),

@@ -318,7 +318,12 @@ def _log_weights(
     """The checkpoint, with what is needed to rebuild the network around the weights."""
     weights = workdir / "model.pt"
     torch.save(
-        {"arch": resolved["train"]["arch"], "config": resolved, "state_dict": model.state_dict()},
+        {
+            "arch": resolved["train"]["arch"],
+            "members": resolved["train"]["members"],  # networks.build(arch, members)
+            "config": resolved,
+            "state_dict": model.state_dict(),
+        },
         weights,
     )
     run.log_file(weights, "weights")

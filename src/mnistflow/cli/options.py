@@ -73,6 +73,17 @@ Epochs = Annotated[
 ]
 
 
+Members = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Networks trained one after another from consecutive seeds and served as one "
+        "model that averages their probabilities (default: the preset's).",
+        show_default=False,
+    ),
+]
+
+
 Seed = Annotated[int, typer.Option(help="Random seed; the same seed on CPU gives the same run.")]
 
 

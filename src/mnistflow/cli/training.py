@@ -22,6 +22,7 @@ from mnistflow.cli.options import (
     JsonOut,
     LimitTrain,
     Margin,
+    Members,
     MinAccuracy,
     MinWritersAccuracy,
     ModelName,
@@ -43,6 +44,7 @@ from mnistflow.store.uris import redact
 def train(
     preset: PresetOption = Preset["fast"],
     epochs: Epochs = None,
+    members: Members = None,
     batch_size: Annotated[
         int | None,
         typer.Option(min=1, help="Images per step (default: the preset's).", show_default=False),
@@ -126,8 +128,8 @@ def train(
         )
 
     train_config = preset_config(
-        preset.value, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device.value,
-        precision=precision and precision.value,
+        preset.value, epochs=epochs, members=members, batch_size=batch_size, lr=lr, seed=seed,
+        device=device.value, precision=precision and precision.value,
     )  # fmt: skip
     tracking_config = TrackingConfig(
         tracking_uri=tracking_uri,
@@ -246,6 +248,7 @@ def baseline(
 def pipeline(
     preset: PresetOption = Preset["fast"],
     epochs: Epochs = None,
+    members: Members = None,
     seed: Seed = 0,
     device: DeviceOption = DeviceChoice.auto,
     precision: PrecisionOption = None,
@@ -268,7 +271,7 @@ def pipeline(
     from mnistflow.pipeline import run_pipeline
 
     train_config = preset_config(
-        preset.value, epochs=epochs, seed=seed, device=device.value,
+        preset.value, epochs=epochs, members=members, seed=seed, device=device.value,
         precision=precision and precision.value,
     )  # fmt: skip
     tracking_config = TrackingConfig(

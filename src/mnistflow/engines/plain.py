@@ -175,29 +175,56 @@ def fit(
 ) -> FitResult:
     """Train a network on train, validating on val after each epoch.
 
+    config.members > 1: that many networks, one after another from the seeds seed, seed + 1,
+    ..., each for config.epochs (their epochs and steps are numbered on from the previous
+    member's), returned as one networks.Ensemble.
     model: train this network (e.g. to fine-tune it, or to watch it from a reporter)
     instead of a fresh one of config.arch.
     """
     reporter = reporter or Reporter()
     config = resolve(config)
+    if model is not None and config.members > 1:
+        raise MnistflowError("fit() trains a given model alone: members must be 1.")
     device = torch.device(config.device)
-    bf16 = config.precision == "bf16"  # resolved: bf16 or fp32
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    model = model if model is not None else networks.build(config.arch)
-    # channels_last lets oneDNN / cuDNN pick their fastest convolution kernels.
-    model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     images, labels = train.images.to(device), train.labels.to(device)
+    member_steps = steps_per_epoch(len(labels), config.batch_size) * config.epochs
+    reporter.start(member_steps * config.members)
+    result = FitResult(model=nn.Identity(), device=device, train_seconds=0.0)
+    steps = _StepBuffer(reporter, result.step_losses)
+    members = []
+    for k in range(config.members):
+        member_config = dataclasses.replace(config, seed=config.seed + k)
+        torch.manual_seed(member_config.seed)
+        network = model if model is not None else networks.build(config.arch)
+        # channels_last lets oneDNN / cuDNN pick their fastest convolution kernels.
+        network = network.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+        _fit_one(member_config, network, images, labels, val, steps, result)
+        members.append(network)
+    result.model = members[0] if len(members) == 1 else networks.Ensemble(members)
+    result.model.eval()
+    return result
+
+
+def _fit_one(
+    config: TrainConfig,
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    val: Split,
+    steps: _StepBuffer,
+    result: FitResult,
+) -> None:
+    """config.epochs of training for one network, reported as the epochs after those
+    already in result.history."""
+    device = images.device
+    bf16 = config.precision == "bf16"  # resolved: bf16 or fp32
+    generator = torch.Generator().manual_seed(config.seed)
     n = len(labels)
     total_steps = steps_per_epoch(n, config.batch_size) * config.epochs
     optimizer, scheduler, per_step_schedule = optimizer_and_schedule(config, model, total_steps)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    reporter.start(total_steps)
-    result = FitResult(model=model, device=device, train_seconds=0.0)
-    steps = _StepBuffer(reporter, result.step_losses)
-    for epoch in range(1, config.epochs + 1):
+    for _ in range(config.epochs):
         model.train()
         started = time.perf_counter()
         order = torch.randperm(n, generator=generator).to(device)
@@ -252,9 +279,7 @@ def fit(
             "images_per_second": n / seconds,
         }
         result.history.append(metrics)
-        reporter.log_epoch(epoch, metrics)
-    model.eval()
-    return result
+        steps.reporter.log_epoch(len(result.history), metrics)
 
 
 @torch.inference_mode()

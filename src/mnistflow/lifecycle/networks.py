@@ -7,6 +7,9 @@ export and the served model cannot disagree about preprocessing.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -144,6 +147,25 @@ class QualityNet(nn.Module):
         return self.net(x)  # type: ignore[no-any-return]
 
 
+class Ensemble(nn.Module):
+    """Several networks answering as one, so that it is logged, exported to one ONNX graph and
+    served like any single network.
+
+    Its output is the log of the members' mean probabilities: a softmax of it (what the
+    export adds) gives exactly their averaged probabilities, and the abstain threshold, the
+    metrics and the promotion read it like any network's logits.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32, whatever the members ran in (bf16 autocast): the average is the answer.
+        log_probabilities = torch.stack([m(x).float().log_softmax(1) for m in self.members])
+        return log_probabilities.logsumexp(0) - math.log(len(self.members))
+
+
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "fast": FastNet,
     "classic": ClassicNet,
@@ -151,6 +173,9 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 }
 
 
-def build(arch: str) -> nn.Module:
-    """A freshly initialised network of the named architecture."""
-    return ARCHITECTURES[arch]()
+def build(arch: str, members: int = 1) -> nn.Module:
+    """A freshly initialised network of the named architecture; with members > 1, an
+    Ensemble of that many."""
+    if members == 1:
+        return ARCHITECTURES[arch]()
+    return Ensemble([ARCHITECTURES[arch]() for _ in range(members)])

@@ -78,6 +78,13 @@ def train_run(
     """
     if devices < 1 or num_nodes < 1:
         raise MnistflowError("--devices and --num-nodes must be at least 1.")
+    if train_config.members > 1:
+        # The members are trained one after another by the plain loop (engines/plain.py);
+        # Lightning's Trainer fits one LightningModule, and its DDP would not shorten that.
+        raise MnistflowError(
+            f"The Lightning engine trains one network, not an ensemble of "
+            f"{train_config.members}: add --members 1, or train with --engine plain."
+        )
     if resume and torch.distributed.is_torchelastic_launched():
         raise MnistflowError(NO_RESUME_HERE)
     if lightning.process_rank(devices) != 0:
