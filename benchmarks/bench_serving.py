@@ -6,9 +6,9 @@ wrk loads each from a separate process with single-digit /invocations requests f
 time at concurrency 1, 16 and 64 (after a warm-up); mnistflow's /predict with a PNG upload is
 measured too, and mnistflow serve with micro-batching off (--max-batch 1) runs beside the
 default one, interleaved with it, to show what batching adds. Each figure is the median of
-several repetitions; the raw numbers go to benchmarks/results/serving.json.
+several repetitions; the raw numbers go to benchmarks/results/serving-<preset>.json.
 
-Usage: python benchmarks/bench_serving.py [--duration 10] [--repeats 3]
+Usage: python benchmarks/bench_serving.py [--duration 10] [--repeats 3] [--preset quality]
 """
 
 from __future__ import annotations
@@ -97,15 +97,16 @@ def ensure_wrk() -> str:
     return path
 
 
-def registered_champion(folder: Path) -> str:
-    """A fast-preset model (the served architecture; accuracy does not matter for speed)."""
+def registered_champion(folder: Path, preset: str) -> str:
+    """A model of the preset's shape (its network, its members), trained on a short slice:
+    accuracy does not matter for speed."""
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     here = Path.cwd()
     os.chdir(folder)  # its artifacts (./mlruns) go to the temporary folder
     try:
         summary = train_run(
             DataConfig(limit_train=5000),
-            preset_config("fast", epochs=1, device="cpu"),
+            preset_config(preset, epochs=1, device="cpu"),
             TrackingConfig(tracking_uri=uri, system_metrics=False),
             register_as="mnist",
         )
@@ -182,12 +183,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per load run")
     parser.add_argument("--repeats", type=int, default=3, help="load runs per figure")
+    parser.add_argument(
+        "--preset", default="fast", help="the champion's shape: fast (one network) or quality "
+        "(an ensemble); the targets are the fast champion's",
+    )  # fmt: skip
     args = parser.parse_args()
     wrk = ensure_wrk()
     runs: dict[tuple[str, str, int], list[Load]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         folder = Path(tmp)
-        uri = registered_champion(folder)
+        uri = registered_champion(folder, args.preset)
         mlflow.set_tracking_uri(uri)
         bodies = request_bodies(folder)
         script = folder / "post.lua"
@@ -263,11 +268,15 @@ def main() -> None:
     print("\n" + table(["target (/invocations)", "wanted", "measured", "met"], targets))
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serving.json").write_text(
+    (RESULTS / f"serving-{args.preset}.json").write_text(
         json.dumps(
             {
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                "settings": {"duration_s": args.duration, "repeats": args.repeats},
+                "settings": {
+                    "duration_s": args.duration,
+                    "repeats": args.repeats,
+                    "preset": args.preset,
+                },
                 "runs": [
                     {"server": s, "request": r, "concurrency": c, "loads": [asdict(x) for x in v]}
                     for (s, r, c), v in runs.items()

@@ -30,6 +30,7 @@ def assert_one_clear_error(result, code: int, *phrases: str) -> None:
     [
         (["--preset", "huge"], "'huge' is not one of"),
         (["--epochs", "-1"], "--epochs"),
+        (["--members", "0"], "--members"),
         (["--batch-size", "0"], "--batch-size"),
         (["--device", "tpu"], "'tpu' is not one of"),
         (["--tag", "novalue"], "is not KEY=VALUE"),
@@ -247,7 +248,11 @@ def test_commands_that_need_a_store_do_not_create_an_empty_one(
 
 
 @pytest.mark.slow
-def test_pipeline_loads_mnist_once(store: str, tmp_path: Path, cli, monkeypatch):
+def test_pipeline_loads_mnist_once_and_takes_an_ensemble_whole(
+    store: str, tmp_path: Path, cli, monkeypatch
+):
+    """The quality preset's shape (here 2 members of 1 epoch): trained, registered, promoted
+    and asked for the sample digits as one model, on MNIST loaded once."""
     loads: list[object] = []
     load = data.load
 
@@ -257,11 +262,14 @@ def test_pipeline_loads_mnist_once(store: str, tmp_path: Path, cli, monkeypatch)
 
     monkeypatch.setattr(data, "load", counted)
     result = cli(
-        "pipeline", "--limit-train", "2000", "--epochs", "2", "--min-accuracy", "0.5",
-        "--min-writers-accuracy", "0.5", "--tracking-uri", store, "--json",
+        "pipeline", "--preset", "quality", "--members", "2", "--limit-train", "2000", "--epochs",
+        "1", "--min-accuracy", "0.5", "--min-writers-accuracy", "0.5", "--tracking-uri", store,
+        "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     outcome = result.json()
+    params = MlflowClient(store).get_run(outcome["train"]["run_id"]).data.params
+    assert (params["train.preset"], params["train.members"]) == ("quality", "2")
     assert len(loads) == 1  # training, the promotion's evaluation and the samples share it
     assert outcome["train"]["registered_version"] == "1"
     assert outcome["promotion"]["promoted"] is True
