@@ -93,6 +93,7 @@ bench: setup datasets wrk team-tools java
 	$(BIN)/python benchmarks/bench_inference.py
 	$(BIN)/python benchmarks/bench_spark.py
 	$(BIN)/python benchmarks/bench_serving.py
+	$(BIN)/python benchmarks/bench_serving.py --preset quality
 	$(BIN)/python benchmarks/bench_engines.py
 	$(BIN)/python benchmarks/bench_baseline.py
 	$(BIN)/python benchmarks/bench_stack.py

@@ -9,7 +9,7 @@ model's size and its cost per image (ONNX Runtime, one thread, batches of 256).
 Seeds run preset by preset, interleaved (seed 0 of every preset, then seed 1, ...), so that a
 slow spell of this shared machine does not land on one preset alone.
 
-Usage: python benchmarks/bench_presets.py [--presets fast balanced] [--seeds 5]
+Usage: python benchmarks/bench_presets.py [--presets fast balanced quality] [--seeds 5] [--report]
 Prints a Markdown table (the README's) and writes benchmarks/results/presets.json.
 """
 
@@ -75,7 +75,7 @@ def train(preset: str, seed: int, store: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="+", default=["fast", "balanced"])
+    parser.add_argument("--presets", nargs="+", default=["fast", "balanced", "quality"])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument(
         "--report", action="store_true",
