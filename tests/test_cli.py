@@ -269,7 +269,7 @@ def test_pipeline_loads_mnist_once_and_takes_an_ensemble_whole(
     assert result.exit_code == 0, result.stderr
     outcome = result.json()
     params = MlflowClient(store).get_run(outcome["train"]["run_id"]).data.params
-    assert (params["train.preset"], params["train.members"]) == ("quality", "2")
+    assert (params["preset"], params["train.members"]) == ("quality", "2")
     assert len(loads) == 1  # training, the promotion's evaluation and the samples share it
     assert outcome["train"]["registered_version"] == "1"
     assert outcome["promotion"]["promoted"] is True
