@@ -77,14 +77,19 @@ def test_fast_preset_learns_and_reports_every_step_in_order(small: data.MnistSpl
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["balanced", "quality"])
 def test_the_other_presets_run_and_learn_on_a_short_slice(small: data.MnistSplits, preset: str):
-    """The recipe, not its promise (that is bench_presets.py's): two epochs of it on 2,000
-    digits, augmentation and all, learn well beyond chance."""
+    """The recipe, not its promise (that is bench_presets.py's): three epochs of it on 2,000
+    digits, augmentation and all, learn well beyond chance; for the quality preset's
+    ensemble, every member does. (Two epochs are too few for some seeds: 32 steps left the
+    fourth member at 59% on validation.)"""
     recorder = Recorder()
-    config = preset_config(preset, epochs=2, device="cpu")
+    config = preset_config(preset, epochs=3, device="cpu")
     assert config.augment  # both train on randomly moved digits
+    assert config.members == (4 if preset == "quality" else 1)
     result = fit(config, small.train, small.val, recorder)
-    first, last = recorder.losses[:5], recorder.losses[-5:]
-    assert sum(last) / 5 < 0.6 * sum(first) / 5
+    per_member = len(recorder.losses) // config.members
+    for start in range(0, len(recorder.losses), per_member):
+        losses = recorder.losses[start : start + per_member]
+        assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, start // per_member
     assert evaluate(result.model, small.test).accuracy > 0.8
 
 
