@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST_ARGS, MNISTFLOW, free_port, tool_env, wait_until_up
 from mnistflow import data
+from mnistflow.lifecycle import networks
 from mnistflow.spool.targets import spool_uri
 
 
@@ -268,8 +270,15 @@ def test_pipeline_loads_mnist_once_and_takes_an_ensemble_whole(
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     outcome = result.json()
-    params = MlflowClient(store).get_run(outcome["train"]["run_id"]).data.params
+    client = MlflowClient(store)
+    params = client.get_run(outcome["train"]["run_id"]).data.params
     assert (params["preset"], params["train.members"]) == ("quality", "2")
+    # The logged checkpoint says how to rebuild the ensemble around its weights.
+    saved = torch.load(
+        client.download_artifacts(outcome["train"]["run_id"], "weights/model.pt", str(tmp_path)),
+        weights_only=True,
+    )
+    networks.build(saved["arch"], saved["members"]).load_state_dict(saved["state_dict"])
     assert len(loads) == 1  # training, the promotion's evaluation and the samples share it
     assert outcome["train"]["registered_version"] == "1"
     assert outcome["promotion"]["promoted"] is True

@@ -191,8 +191,9 @@ def fit(
     images, labels = train.images.to(device), train.labels.to(device)
     member_steps = steps_per_epoch(len(labels), config.batch_size) * config.epochs
     reporter.start(member_steps * config.members)
-    result = FitResult(model=nn.Identity(), device=device, train_seconds=0.0)
-    steps = _StepBuffer(reporter, result.step_losses)
+    step_losses: list[float] = []
+    history: list[dict[str, float]] = []
+    steps = _StepBuffer(reporter, step_losses)
     members = []
     for k in range(config.members):
         member_config = dataclasses.replace(config, seed=config.seed + k)
@@ -200,11 +201,16 @@ def fit(
         network = model if model is not None else networks.build(config.arch)
         # channels_last lets oneDNN / cuDNN pick their fastest convolution kernels.
         network = network.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
-        _fit_one(member_config, network, images, labels, val, steps, result)
+        _fit_one(member_config, network, images, labels, val, steps, history)
         members.append(network)
-    result.model = members[0] if len(members) == 1 else networks.Ensemble(members)
-    result.model.eval()
-    return result
+    trained = members[0] if len(members) == 1 else networks.Ensemble(members)
+    return FitResult(
+        model=trained.eval(),
+        device=device,
+        train_seconds=sum(epoch["epoch_seconds"] for epoch in history),
+        history=history,
+        step_losses=step_losses,
+    )
 
 
 def _fit_one(
@@ -214,10 +220,10 @@ def _fit_one(
     labels: torch.Tensor,
     val: Split,
     steps: _StepBuffer,
-    result: FitResult,
+    history: list[dict[str, float]],
 ) -> None:
-    """config.epochs of training for one network, reported as the epochs after those
-    already in result.history."""
+    """config.epochs of training for one network, reported (to steps.reporter) as the epochs
+    after those already in history."""
     device = images.device
     bf16 = config.precision == "bf16"  # resolved: bf16 or fp32
     generator = torch.Generator().manual_seed(config.seed)
@@ -267,7 +273,6 @@ def _fit_one(
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-        result.train_seconds += seconds
 
         val_eval = evaluate(model, val)
         metrics = {
@@ -278,8 +283,8 @@ def _fit_one(
             "epoch_seconds": seconds,
             "images_per_second": n / seconds,
         }
-        result.history.append(metrics)
-        steps.reporter.log_epoch(len(result.history), metrics)
+        history.append(metrics)
+        steps.reporter.log_epoch(len(history), metrics)
 
 
 @torch.inference_mode()
