@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -31,6 +32,18 @@ ROOT = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("MNISTFLOW_MNIST_MIRROR") or ROOT.parent / "shared" / "mnist")
 # Small enough to train in about a second, large enough for the model to learn something.
 FAST_ARGS = ["--limit-train", "2000", "--epochs", "2", "--no-system-metrics"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C works in the children the tests start, however pytest was started.
+
+    A shell starts a background job (`make test &`, a CI runner's nohup) with SIGINT ignored;
+    children inherit that, Python then installs no Ctrl-C handler in them, and the tests that
+    press Ctrl-C on a training or a sweep wait in vain. A Python handler here is reset to the
+    default in every child, as in a terminal.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
