@@ -211,6 +211,34 @@ def test_augment_draws_within_the_configured_ranges():
     assert default.sum().item() == pytest.approx(images.sum().item(), rel=0.3)
 
 
+def test_elastic_warp_and_stroke_width_stay_within_their_ranges():
+    images = torch.zeros(64, 1, 28, 28)
+    images[:, :, 8:20, 12:16] = 255  # a bar 4 pixels wide
+    still = TrainConfig(augment_degrees=0, augment_scale=0, augment_shift=0)
+    # Off (the default), only the affine recipe's numbers are drawn: its seeds' results stand.
+    drawn, affine_only = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    augment(images, drawn, TrainConfig())
+    torch.rand(64, 4, generator=affine_only)
+    assert torch.equal(drawn.get_state(), affine_only.get_state())
+
+    warped = augment(images, torch.Generator().manual_seed(0), replace(still, augment_elastic=2))
+    moved = (ink_centres(warped) - ink_centres(images)).abs()
+    assert moved.max() <= 2.05 and moved.max() > 0.2  # local moves, within 2 pixels
+    assert not torch.allclose(warped, images, atol=1.0)
+
+    stroked = augment(images, torch.Generator().manual_seed(0), replace(still, augment_stroke=1))
+    ink = stroked.sum((1, 2, 3)) / images.sum((1, 2, 3))
+    # Up to one pixel more or less on each side of the 4 x 12 bar: 2 x 10 to 6 x 14 pixels.
+    assert ink.min() >= 20 / 48 - 1e-4 and ink.max() <= 84 / 48 + 1e-4
+    assert ink.min() < 0.8 and ink.max() > 1.2  # both ways, and the range is used
+    # Stroke width changes the ink, not where the digit is.
+    assert (ink_centres(stroked) - ink_centres(images)).abs().max() < 0.01
+
+
+def replace(config: TrainConfig, **changes: float) -> TrainConfig:
+    return dataclasses.replace(config, **changes)
+
+
 @pytest.mark.slow
 def test_warmup_places_the_learning_rate_peak(small: data.MnistSplits):
     for warmup in (0.1, 0.5):
@@ -272,6 +300,8 @@ UNUSABLE = {
     "augment_degrees": (200.0, "augment_degrees must be in [0, 180]"),
     "augment_scale": (1.0, "augment_scale must be in [0, 1)"),
     "augment_shift": (-1.0, "augment_shift must be in [0, 14] pixels"),
+    "augment_elastic": (15.0, "augment_elastic must be in [0, 14] pixels"),
+    "augment_stroke": (-0.5, "augment_stroke must be in [0, 1]"),
     "seed": (-1, "seed must be a whole number >= 0"),
     "device": ("tpu", "device must be one of auto, cpu, cuda, got 'tpu'"),
     "precision": ("fp16", "precision must be one of auto, bf16, fp32, got 'fp16'"),

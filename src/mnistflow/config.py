@@ -107,6 +107,9 @@ class TrainConfig:
     augment_degrees: float = 10.0  # rotation within +-this many degrees
     augment_scale: float = 0.1  # scaling by a factor within 1 +- this
     augment_shift: float = 2.5  # shift within +-this many pixels, in x and in y
+    # ... and, when above 0, the ways other people write that an affine map does not reach:
+    augment_elastic: float = 0.0  # a smooth elastic warp moving pixels up to this many pixels
+    augment_stroke: float = 0.0  # strokes widened or narrowed by up to this many pixels a side
     seed: int = 0
     device: Device = "auto"
     precision: Precision = "auto"
@@ -203,6 +206,10 @@ def _problem(c: TrainConfig) -> str | None:
          _number(c.augment_scale) and 0 <= c.augment_scale < 1, "in [0, 1)"),
         ("augment_shift", c.augment_shift,
          _number(c.augment_shift) and 0 <= c.augment_shift <= 14, "in [0, 14] pixels"),
+        ("augment_elastic", c.augment_elastic,
+         _number(c.augment_elastic) and 0 <= c.augment_elastic <= 14, "in [0, 14] pixels"),
+        ("augment_stroke", c.augment_stroke,
+         _number(c.augment_stroke) and 0 <= c.augment_stroke <= 1, "in [0, 1]"),
         ("seed", c.seed, _whole(c.seed) and 0 <= c.seed < 2**63, "a whole number >= 0"),
         ("log_every_steps", c.log_every_steps,
          _whole(c.log_every_steps) and c.log_every_steps >= 1, "at least 1"),

@@ -115,7 +115,9 @@ def optimizer_and_schedule(
 
 def augment(images: torch.Tensor, generator: torch.Generator, config: TrainConfig) -> torch.Tensor:
     """Random rotations, scalings and shifts of a float batch (B, 1, 28, 28), each image
-    drawn within config's augment_degrees, augment_scale and augment_shift."""
+    drawn within config's augment_degrees, augment_scale and augment_shift; then, where
+    configured, an elastic warp (augment_elastic) and a change of stroke width
+    (augment_stroke), the differences between writers that an affine map misses."""
     b = images.shape[0]
     # Draw on the CPU generator so the same seed gives the same augmentation on any device.
     r = torch.rand(b, 4, generator=generator).to(images.device)  # (B, 4) in [0, 1)
@@ -128,7 +130,27 @@ def augment(images: torch.Tensor, generator: torch.Generator, config: TrainConfi
         [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
     )  # (B, 2, 3)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
+    # The extra draws come after the affine ones, and only when asked for: a recipe without
+    # them draws exactly what it drew before they existed (its seeds' results stand).
+    if config.augment_elastic > 0:
+        # A smooth random displacement field, in one sampling pass with the affine map: a
+        # 4 x 4 grid of offsets up to augment_elastic pixels, interpolated over the image
+        # (Simard et al. 2003 smooth per-pixel noise with a Gaussian; control points cost
+        # less and give the same kind of slow, local warp).
+        coarse = torch.rand(b, 2, 4, 4, generator=generator).to(images.device)
+        coarse = (coarse * 2 - 1) * (config.augment_elastic / 14)
+        field = F.interpolate(coarse, size=images.shape[-2:], mode="bilinear", align_corners=True)
+        grid = grid + field.permute(0, 2, 3, 1)
+    out = F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
+    if config.augment_stroke > 0:
+        # Each stroke moved part of the way towards its 3 x 3 dilation (thicker, t > 0) or
+        # erosion (thinner, t < 0): a pen a fraction of a pixel wider or narrower.
+        t = (torch.rand(b, generator=generator).to(images.device) * 2 - 1) * config.augment_stroke
+        t = t.view(b, 1, 1, 1)
+        thicker = F.max_pool2d(out, 3, stride=1, padding=1)
+        thinner = -F.max_pool2d(-out, 3, stride=1, padding=1)
+        out = torch.where(t >= 0, out + t * (thicker - out), out - t * (thinner - out))
+    return out
 
 
 class _StepBuffer:
