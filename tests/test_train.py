@@ -84,8 +84,6 @@ def test_the_other_presets_run_and_learn_on_a_short_slice(small: data.MnistSplit
     recorder = Recorder()
     config = preset_config(preset, epochs=3, device="cpu")
     assert config.augment  # both train on randomly moved digits
-    # ... and the quality preset's also on warped digits with other stroke widths.
-    assert (config.augment_elastic > 0 and config.augment_stroke > 0) == (preset == "quality")
     assert config.members == (4 if preset == "quality" else 1)
     result = fit(config, small.train, small.val, recorder)
     per_member = len(recorder.losses) // config.members
