@@ -454,6 +454,78 @@ def test_wrong_method_is_a_json_405(client: TestClient):
     assert response.json() == {"error": "Method Not Allowed"}
 
 
+# JSON bodies to both prediction routes, good and bad: (path, body bytes).
+JSON_REQUESTS = [
+    ("/predict", orjson.dumps({"pixels": digit_pixels()})),
+    ("/predict", orjson.dumps({"pixels": [digit_pixels(1), digit_pixels(2)]})),
+    ("/invocations", orjson.dumps({"inputs": [digit_pixels(3)]})),
+    ("/invocations", orjson.dumps({"dataframe_split": {"data": [[0] * 784]}})),
+    ("/predict", orjson.dumps({"image": []})),
+    ("/invocations", b'{"inputs": [NaN]}'),
+    ("/invocations", orjson.dumps({"inputs": [[[0] * 28] * 28] * 129})),
+    ("/invocations", orjson.dumps({"inputs": [[[300] * 28] * 28]})),
+    ("/predict", b"0" * TOO_BIG),
+    ("/invocations", b"0" * TOO_BIG),
+]
+
+
+def asgi_post(app: Any, path: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Any:
+    """POST body to app through ASGI: the status, the headers, the body, and the scope as
+    the app left it (the router adds the endpoint it chose)."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *headers,
+        ],
+    }
+    asyncio.run(app(scope, receive, send))
+    start, *chunks = sent
+    reply_headers = dict(start["headers"])
+    return start["status"], reply_headers, b"".join(c.get("body", b"") for c in chunks), scope
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["model-loaded", "no-model-yet"])
+def test_json_predictions_skip_the_apps_layers_and_answer_as_its_routes_do(
+    trained: Store, follower: ModelFollower, loaded: bool
+):
+    """serving/fast_path.py answers unguarded JSON predictions before FastAPI routes them; a
+    server with an API key sends them through the routes. Both answer alike, byte for byte."""
+    if not loaded:
+        follower = ModelFollower("runs:/nothing/model", tracking_uri=trained.uri)
+    fast = create_app(ServeConfig(tracking_uri=trained.uri), follower)
+    routed = create_app(ServeConfig(tracking_uri=trained.uri, api_key="k"), follower)
+    statuses = set()
+    for path, body in JSON_REQUESTS:
+        status, headers, answer, scope = asgi_post(fast, path, body, [])
+        routed_status, routed_headers, routed_answer, routed_scope = asgi_post(
+            routed, path, body, [(b"x-api-key", b"k")]
+        )
+        assert "endpoint" not in scope and routed_scope["endpoint"].__name__ in path
+        assert (status, answer) == (routed_status, routed_answer), (path, body[:60])
+        for header in (b"content-type", b"content-length", b"x-model-version"):
+            assert headers.get(header) == routed_headers.get(header), header
+        statuses.add(status)
+    assert statuses == ({200, 400, 413} if loaded else {503, 413})
+    # Both counted in /metrics under the route, as the app's middleware counts them.
+    metrics = TestClient(fast).get("/metrics").text
+    assert 'mnistflow_http_requests_total{handler="/invocations",status="' in metrics
+
+
 def serving(trained: Store, classifier: Any) -> TestClient:
     """A client of an app serving classifier as mnist version 7."""
     follower = ModelFollower("runs:/nothing/model", tracking_uri=trained.uri)

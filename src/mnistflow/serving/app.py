@@ -3,7 +3,8 @@
 app = create_app(ServeConfig(...))                 # loads and follows config.model_uri
 app = create_app(config, model_source=follower)    # or serve a follower made elsewhere
 
-routes/predict.py   POST /predict, /invocations: the hot path
+routes/predict.py   POST /predict, /invocations
+fast_path.py        the same routes' JSON requests, answered before the app's layers
 routes/health.py    GET /health, /ready, /version, /metrics
 routes/page.py      GET / and /static: the draw-a-digit page
 deps.py             the service, the model serving now, the API key
@@ -21,9 +22,10 @@ from collections.abc import AsyncIterator
 import mlflow
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from starlette.types import Receive, Scope, Send
 
 import mnistflow
-from mnistflow.serving import errors
+from mnistflow.serving import errors, fast_path
 from mnistflow.serving.batching import MicroBatcher
 from mnistflow.serving.deps import Service
 from mnistflow.serving.inputs import BodyLimitMiddleware
@@ -37,6 +39,16 @@ DESCRIPTION = (
     "the protocol of `mlflow models serve`; `/predict` also takes image uploads. The page at "
     "`/` lets you draw a digit."
 )
+
+
+class ServingApp(FastAPI):
+    """The FastAPI app, but its JSON predictions are answered before FastAPI's own layers
+    (fast_path.py says why)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        service = self.state.service
+        if not await fast_path.answered(service, scope, receive, send):
+            await super().__call__(scope, receive, send)
 
 
 def create_app(config: ServeConfig, model_source: ModelFollower | None = None) -> FastAPI:
@@ -58,10 +70,14 @@ def create_app(config: ServeConfig, model_source: ModelFollower | None = None) -
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        batcher.close()
 
     app = FastAPIOffline(
         title="mnistflow", version=mnistflow.__version__, description=DESCRIPTION, lifespan=lifespan
     )
+    # FastAPIOffline is a function that builds a plain FastAPI (with docs that need no CDN);
+    # ServingApp adds only __call__, so the object becomes one by its class alone.
+    app.__class__ = ServingApp
     metrics = Metrics(follower)
     batcher = MicroBatcher(
         predict.classify,

@@ -45,6 +45,19 @@ class ApiError(Exception):
         self.mlflow_code = mlflow_code
 
 
+def error_body(path: str, status: int, message: str, mlflow_code: str | None = None) -> bytes:
+    """The JSON error for a request to path: MLflow's shape on /invocations."""
+    message = message[:1].upper() + message[1:]
+    body: dict[str, str]
+    if path == "/invocations":
+        fallback = "BAD_REQUEST" if status < 500 else "INTERNAL_ERROR"
+        code = mlflow_code or MLFLOW_ERROR_CODES.get(status, fallback)
+        body = {"error_code": code, "message": message}
+    else:
+        body = {"error": message}
+    return orjson.dumps(body)
+
+
 def error_response(
     request: Request,
     status: int,
@@ -52,16 +65,9 @@ def error_response(
     headers: Any = None,
     mlflow_code: str | None = None,
 ) -> Response:
-    """The JSON error for this request's route: MLflow's shape on /invocations."""
-    message = message[:1].upper() + message[1:]
-    body: dict[str, str]
-    if request.scope["path"] == "/invocations":
-        fallback = "BAD_REQUEST" if status < 500 else "INTERNAL_ERROR"
-        code = mlflow_code or MLFLOW_ERROR_CODES.get(status, fallback)
-        body = {"error_code": code, "message": message}
-    else:
-        body = {"error": message}
-    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+    """The JSON error for this request's route (see error_body)."""
+    body = error_body(request.scope["path"], status, message, mlflow_code)
+    return Response(body, status, headers, media_type="application/json")
 
 
 async def api_error(request: Request, exc: ApiError) -> Response:

@@ -48,17 +48,43 @@ class BodyLimitMiddleware:
         async def limited_receive() -> Message:
             nonlocal received
             if declared.isdigit() and int(declared) > self.max_bytes:
-                raise self.too_large()
+                raise too_large(self.max_bytes)
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                raise self.too_large()
+                raise too_large(self.max_bytes)
             return message
 
         await self.app(scope, limited_receive, send)
 
-    def too_large(self) -> ApiError:
-        return ApiError(413, f"the request body is over the limit of {self.max_bytes:,} bytes.")
+
+def too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, f"the request body is over the limit of {max_bytes:,} bytes.")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was read whole."""
+
+
+async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as BodyLimitMiddleware refuses it (for the routes
+    that are answered below the app: serving/fast_path.py)."""
+    declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large(max_bytes)
+    chunks = []
+    received = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if received > max_bytes:
+            raise too_large(max_bytes)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def media_type(content_type: str | None) -> str:

@@ -53,14 +53,25 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(ModelCollector(follower))
-        # handler -> its batch-size series; labels() takes a lock and validates every call.
+        # The series by their labels: labels() takes a lock and validates every call.
         self.batches: dict[str, Histogram] = {}
+        self.served: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 
     def observe_batch(self, handler: str, digits: int) -> None:
         series = self.batches.get(handler)
         if series is None:
             series = self.batches[handler] = self.batch_size.labels(handler)
         series.observe(digits)
+
+    def observe_request(self, handler: str, status: int, seconds: float) -> None:
+        series = self.served.get((handler, status))
+        if series is None:
+            series = self.served[handler, status] = (
+                self.requests.labels(handler, str(status)),
+                self.latency.labels(handler),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
 
     def observe_model_call(self, digits: int) -> None:
         self.model_calls.observe(digits)
@@ -106,8 +117,6 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
-        # (handler, status) -> its series; labels() takes a lock and validates every call.
-        self.series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -126,11 +135,4 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_and_note_status)
         finally:
             handler = getattr(scope.get("route"), "path", None) or "unmatched"
-            series = self.series.get((handler, status))
-            if series is None:
-                series = self.series[handler, status] = (
-                    self.metrics.requests.labels(handler, str(status)),
-                    self.metrics.latency.labels(handler),
-                )
-            series[0].inc()
-            series[1].observe(time.perf_counter() - started)
+            self.metrics.observe_request(handler, status, time.perf_counter() - started)

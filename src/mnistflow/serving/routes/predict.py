@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from mnistflow.serving.deps import require_key, service_of, serving_model
+from mnistflow.serving.deps import Service, require_key, service_of, serving_model
 from mnistflow.serving.errors import INVALID_INPUT, ApiError
 from mnistflow.serving.inputs import (
     as_array,
@@ -58,35 +58,53 @@ KEY_ERROR: dict[int | str, dict[str, Any]] = {
 
 async def predict(request: Request) -> Response:
     service = service_of(request)
-    served = serving_model(service)  # this request's model, whatever the follower does
     kind = media_type(request.headers.get("content-type"))
-    max_images = service.config.max_images
     if kind == "application/json":
-        pixels = as_array(predict_pixels(load_json(await request.body())), max_images)
-    elif kind == "multipart/form-data":
-        # As JSON pixels are, so that uploads and JSON digits can share a model call.
-        pixels = as_array(await read_images(request, max_images), max_images)
-    else:
+        return answer(*await predict_json(service, await request.body()))
+    served = serving_model(service)  # this request's model, whatever the follower does
+    if kind != "multipart/form-data":
         raise ApiError(
             415, "send application/json pixels or multipart/form-data images (field file)."
         )
-    labels, probabilities = await service.batcher.classify(served, pixels)
-    service.metrics.observe_batch("/predict", len(labels))
-    model = {"name": served.name, "version": served.version}
-    rows = predictions(labels, probabilities, served.abstain_below)
-    return answer(served, {"model": model, "predictions": rows})
+    # As JSON pixels are, so that uploads and JSON digits can share a model call.
+    max_images = service.config.max_images
+    pixels = as_array(await read_images(request, max_images), max_images)
+    return answer(served, await predict_body(service, served, pixels))
 
 
 async def invocations(request: Request) -> Response:
     service = service_of(request)
-    served = serving_model(service)
     if media_type(request.headers.get("content-type")) != "application/json":
         raise ApiError(415, "send the body as application/json.")
-    payload = load_json(await request.body())
-    pixels = as_array(invocation_pixels(payload), service.config.max_images)
+    return answer(*await invocations_json(service, await request.body()))
+
+
+# The JSON half of each route, shared with serving/fast_path.py, which answers most JSON
+# requests before they reach the app: each returns the model that answered and the body.
+async def predict_json(service: Service, body: bytes) -> tuple[ServedModel, dict[str, Any]]:
+    served = serving_model(service)  # this request's model, whatever the follower does
+    pixels = as_array(predict_pixels(load_json(body)), service.config.max_images)
+    return served, await predict_body(service, served, pixels)
+
+
+async def invocations_json(service: Service, body: bytes) -> tuple[ServedModel, dict[str, Any]]:
+    served = serving_model(service)
+    pixels = as_array(invocation_pixels(load_json(body)), service.config.max_images)
     labels, probabilities = await service.batcher.classify(served, pixels)
     service.metrics.observe_batch("/invocations", len(labels))
-    return answer(served, {"predictions": predictions(labels, probabilities, served.abstain_below)})
+    return served, {"predictions": predictions(labels, probabilities, served.abstain_below)}
+
+
+async def predict_body(service: Service, served: ServedModel, pixels: np.ndarray) -> dict[str, Any]:
+    labels, probabilities = await service.batcher.classify(served, pixels)
+    service.metrics.observe_batch("/predict", len(labels))
+    model = {"name": served.name, "version": served.version}
+    rows = predictions(labels, probabilities, served.abstain_below)
+    return {"model": model, "predictions": rows}
+
+
+# The routes' JSON halves by path, for serving/fast_path.py.
+JSON_HALVES = {"/predict": predict_json, "/invocations": invocations_json}
 
 
 def router(config: ServeConfig) -> APIRouter:
