@@ -6,9 +6,12 @@ wrk loads each from a separate process with single-digit /invocations requests f
 time at concurrency 1, 16 and 64 (after a warm-up); mnistflow's /predict with a PNG upload is
 measured too, and mnistflow serve with micro-batching off (--max-batch 1) runs beside the
 default one, interleaved with it, to show what batching adds. Each figure is the median of
-several repetitions; the raw numbers go to benchmarks/results/serving-<preset>.json.
+several repetitions; the raw numbers go to
+benchmarks/results/serving-<preset>-workers<N>.json. --workers N gives both servers N
+processes.
 
 Usage: python benchmarks/bench_serving.py [--duration 10] [--repeats 3] [--preset quality]
+                                          [--workers 2]
 """
 
 from __future__ import annotations
@@ -187,7 +190,11 @@ def main() -> None:
         "--preset", default="fast", help="the champion's shape: fast (one network) or quality "
         "(an ensemble); the targets are the fast champion's",
     )  # fmt: skip
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server processes, for both servers alike"
+    )
     args = parser.parse_args()
+    workers = ["--workers", str(args.workers)]
     wrk = ensure_wrk()
     runs: dict[tuple[str, str, int], list[Load]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
@@ -203,7 +210,7 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         baseline = [
             str(BIN / "mlflow"), "models", "serve", "-m", "models:/mnist@champion",
-            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), *workers,
         ]  # fmt: skip
         with background(baseline, f"{base}/ping", MLFLOW_TRACKING_URI=uri):
             case = Case("mlflow models serve", "/invocations, 1 digit", f"{base}/invocations",
@@ -214,7 +221,7 @@ def main() -> None:
 
         port, unbatched_port = free_port(), free_port()
         base, unbatched = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{unbatched_port}"
-        command = [str(BIN / "mnistflow"), "serve", "--tracking-uri", uri, "--port"]
+        command = [str(BIN / "mnistflow"), "serve", *workers, "--tracking-uri", uri, "--port"]
         with (
             background([*command, str(port)], f"{base}/ready"),
             background([*command, str(unbatched_port), "--max-batch", "1"], f"{unbatched}/ready"),
@@ -248,7 +255,8 @@ def main() -> None:
         for (server, request, c), m in median.items()
     ]
     print(f"\nOne digit per request, {args.duration:g} s per run, median of {args.repeats} runs")
-    print(f"({os.cpu_count()} CPU cores shared by server and wrk; loopback)\n")
+    print(f"({os.cpu_count()} CPU cores shared by server and wrk; loopback)")
+    print(f"{args.workers} worker process(es) per server\n")
     header = ["server", "request", "concurrency", "requests/s", "p50 ms", "p99 ms", "errors"]
     print(table(header, rows))
 
@@ -268,7 +276,7 @@ def main() -> None:
     print("\n" + table(["target (/invocations)", "wanted", "measured", "met"], targets))
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"serving-{args.preset}.json").write_text(
+    (RESULTS / f"serving-{args.preset}-workers{args.workers}.json").write_text(
         json.dumps(
             {
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -276,6 +284,7 @@ def main() -> None:
                     "duration_s": args.duration,
                     "repeats": args.repeats,
                     "preset": args.preset,
+                    "workers": args.workers,
                 },
                 "runs": [
                     {"server": s, "request": r, "concurrency": c, "loads": [asdict(x) for x in v]}

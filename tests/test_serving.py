@@ -8,8 +8,10 @@ import importlib.util
 import io
 import itertools
 import logging
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import httpx
 import mlflow
 import numpy as np
 import orjson
+import psutil
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
@@ -29,7 +32,7 @@ from PIL import Image, ImageDraw
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from conftest import MIRROR
+from conftest import MIRROR, MNISTFLOW, free_port, wait_until_up
 from mnistflow import data
 from mnistflow import serving as serving_package
 from mnistflow.config import DataConfig
@@ -718,6 +721,40 @@ def test_serve_refuses_to_start_without_its_model(trained: Store, cli):
     assert "Cannot load the model models:/nope@champion" in message
     assert "the registry has:" in message and "@champion=1" in message  # names what exists
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_workers_share_the_port_the_key_and_one_count_of_requests(trained: Store, spawn):
+    """`serve --workers 2`: two processes answer on one port, each with the model and the
+    API key, and /metrics, whichever worker answers it, counts the requests of both."""
+    port = free_port()
+    args = ["serve", "--port", str(port), "--tracking-uri", trained.uri, "--workers", "2"]
+    proc = spawn([*MNISTFLOW, *args], env={**os.environ, "MNISTFLOW_API_KEY": "k"})
+    base = f"http://127.0.0.1:{port}"
+    wait_until_up(f"{base}/ready", proc, timeout=120)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len([p for p in workers if "spawn" in " ".join(p.cmdline())]) == 2
+
+    bodies = [np.random.default_rng(i).integers(0, 256, (1, 28, 28)) for i in range(24)]
+    model = ModelFollower("models:/mnist@champion", tracking_uri=trained.uri)
+    model.start()
+    assert model.current is not None
+
+    def ask(body: np.ndarray) -> list[int]:
+        with httpx.Client(base_url=base, headers={"X-API-Key": "k"}) as http:  # own connection
+            response = http.post("/invocations", json={"inputs": body.tolist()})
+            assert response.status_code == 200, response.text
+            return [row["label"] for row in response.json()["predictions"]]
+
+    with ThreadPoolExecutor(8) as pool:
+        labels = list(pool.map(ask, bodies))
+    for body, got in zip(bodies, labels, strict=True):
+        assert got == model.current.classifier.classify(body.astype(np.float32))[0].tolist()
+    assert httpx.post(f"{base}/invocations", json={"inputs": bodies[0].tolist()}).status_code == 401
+    counted = 'mnistflow_http_requests_total{handler="/invocations",status="200"} 24.0'
+    for _ in range(6):  # on new connections: either worker may answer
+        assert counted in httpx.get(f"{base}/metrics").text.splitlines()
 
 
 # -- the schema, fuzzed: whatever is sent, never a 5xx -------------------------------------

@@ -62,6 +62,13 @@ def serve(
             "(0: only requests that arrived together).",
         ),
     ] = 0.0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Server processes sharing the port, each with its own copy of the model.",
+        ),
+    ] = 1,
     access_log: Annotated[bool, typer.Option(help="Log every request (costs ~10%).")] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
@@ -82,6 +89,7 @@ def serve(
             max_images=max_images,
             max_batch=max_batch,
             batch_wait_ms=batch_wait_ms,
+            workers=workers,
             access_log=access_log,
         )
     )

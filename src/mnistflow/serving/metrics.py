@@ -1,15 +1,18 @@
 """Prometheus metrics: requests, latencies and batch sizes per endpoint, and the model served.
 
 Each app has its own CollectorRegistry (not prometheus_client's global one), so several
-apps in one process (tests) count apart.
+apps in one process (tests) count apart. With several worker processes (`serve --workers`),
+prometheus_client's multiprocess mode adds up the requests, latencies and batches of all of
+them, whichever answers /metrics; the model's state is that worker's (each follows the alias).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -52,7 +55,8 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(ModelCollector(follower))
+        self.model = ModelCollector(follower)
+        self.registry.register(self.model)
         # The series by their labels: labels() takes a lock and validates every call.
         self.batches: dict[str, Histogram] = {}
         self.served: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
@@ -77,7 +81,13 @@ class Metrics:
         self.model_calls.observe(digits)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return generate_latest(self.registry)
+        # The workers' counts, from the files each of them writes (see serving/server.py).
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(self.model)
+        return generate_latest(registry)
 
 
 class ModelCollector(Collector):

@@ -31,6 +31,9 @@ class ServeConfig:
     # A version that failed to load is tried again after this long (the alias may have
     # pointed at it before its artifacts were uploaded).
     retry_failed_seconds: float = 60.0
+    # Server processes sharing the port, each with its own copy of the model and its own
+    # micro-batcher: on a machine whose cores one process cannot keep busy.
+    workers: int = 1
     # uvicorn's per-request access log costs measurable throughput; off unless asked for.
     access_log: bool = False
     log_level: str = "info"
