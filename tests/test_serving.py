@@ -8,7 +8,6 @@ import importlib.util
 import io
 import itertools
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -723,18 +722,31 @@ def test_serve_refuses_to_start_without_its_model(trained: Store, cli):
     assert "Traceback" not in result.stderr
 
 
+def worker_processes(proc: Any) -> list[psutil.Process]:
+    """The `serve --workers` process's workers (spawned interpreters), alive."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    return [p for p in children if "spawn_main" in " ".join(p.cmdline()) and p.is_running()]
+
+
 @pytest.mark.server
 @pytest.mark.slow
-def test_workers_share_the_port_the_key_and_one_count_of_requests(trained: Store, spawn):
+def test_workers_share_the_port_the_key_and_one_count_and_are_replaced(trained: Store, spawn):
     """`serve --workers 2`: two processes answer on one port, each with the model and the
-    API key, and /metrics, whichever worker answers it, counts the requests of both."""
+    API key; /metrics, whichever worker answers it, counts the requests of both; a worker
+    killed is replaced and the port goes on answering."""
     port = free_port()
+    key = "key-7f3a9c"
     args = ["serve", "--port", str(port), "--tracking-uri", trained.uri, "--workers", "2"]
-    proc = spawn([*MNISTFLOW, *args], env={**os.environ, "MNISTFLOW_API_KEY": "k"})
+    proc = spawn([*MNISTFLOW, *args, "--api-key", key])
     base = f"http://127.0.0.1:{port}"
     wait_until_up(f"{base}/ready", proc, timeout=120)
-    workers = psutil.Process(proc.pid).children(recursive=True)
-    assert len([p for p in workers if "spawn" in " ".join(p.cmdline())]) == 2
+    deadline = time.monotonic() + 120
+    while len(worker_processes(proc)) < 2:  # the second may still be loading its model
+        assert time.monotonic() < deadline, "the second worker did not start"
+        time.sleep(0.2)
+    # The key reached the workers, but not through their command line or environment.
+    for worker in worker_processes(proc):
+        assert key not in " ".join(worker.cmdline()) + " ".join(worker.environ().values())
 
     bodies = [np.random.default_rng(i).integers(0, 256, (1, 28, 28)) for i in range(24)]
     model = ModelFollower("models:/mnist@champion", tracking_uri=trained.uri)
@@ -742,19 +754,32 @@ def test_workers_share_the_port_the_key_and_one_count_of_requests(trained: Store
     assert model.current is not None
 
     def ask(body: np.ndarray) -> list[int]:
-        with httpx.Client(base_url=base, headers={"X-API-Key": "k"}) as http:  # own connection
+        with httpx.Client(base_url=base, headers={"X-API-Key": key}) as http:  # own connection
             response = http.post("/invocations", json={"inputs": body.tolist()})
             assert response.status_code == 200, response.text
             return [row["label"] for row in response.json()["predictions"]]
 
-    with ThreadPoolExecutor(8) as pool:
-        labels = list(pool.map(ask, bodies))
-    for body, got in zip(bodies, labels, strict=True):
-        assert got == model.current.classifier.classify(body.astype(np.float32))[0].tolist()
+    def ask_all() -> None:
+        with ThreadPoolExecutor(8) as pool:
+            labels = list(pool.map(ask, bodies))
+        for body, got in zip(bodies, labels, strict=True):
+            assert got == model.current.classifier.classify(body.astype(np.float32))[0].tolist()
+
+    ask_all()
     assert httpx.post(f"{base}/invocations", json={"inputs": bodies[0].tolist()}).status_code == 401
     counted = 'mnistflow_http_requests_total{handler="/invocations",status="200"} 24.0'
     for _ in range(6):  # on new connections: either worker may answer
         assert counted in httpx.get(f"{base}/metrics").text.splitlines()
+
+    killed = worker_processes(proc)[0]
+    killed.kill()
+    killed.wait(10)
+    deadline = time.monotonic() + 120
+    while len(worker_processes(proc)) < 2 or killed in worker_processes(proc):
+        assert proc.poll() is None and time.monotonic() < deadline, "no worker replaced it"
+        time.sleep(0.2)
+    wait_until_up(f"{base}/ready", proc, timeout=60)
+    ask_all()
 
 
 # -- the schema, fuzzed: whatever is sent, never a 5xx -------------------------------------

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
+import multiprocessing
 import os
+import signal
+import socket
 import sys
 import tempfile
+import threading
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
+from mnistflow.config import MnistflowError
 from mnistflow.serving.app import create_app
 from mnistflow.serving.model import ModelFollower
 from mnistflow.serving.settings import ServeConfig
@@ -22,10 +26,6 @@ from mnistflow.store.checks import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
-# How the serving process hands its config to its workers (the API key goes apart, in the
-# variable the CLI reads it from, so that the config's JSON never holds it).
-CONFIG_VARIABLE = "MNISTFLOW_SERVE_CONFIG"
-KEY_VARIABLE = "MNISTFLOW_API_KEY"
 # prometheus_client's multiprocess mode: each worker writes its metrics to files here and
 # /metrics, whichever worker answers it, adds them all up (serving/metrics.py).
 METRICS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -34,14 +34,20 @@ METRICS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 def run(config: ServeConfig) -> None:
     """Serve until interrupted; raises MnistflowError when the model cannot be loaded."""
     config = dataclasses.replace(config, tracking_uri=resolve_tracking_uri(config.tracking_uri))
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    log_to_stderr(config)
     log.info("%s", config)
     # Loaded before the server starts, so a wrong URI is one clear error, not a dead server
     # (with workers, each loads its own copy; this one only proves that it loads).
     app = serving_app(config)
-    options: dict[str, Any] = {
+    if config.workers == 1:
+        uvicorn.run(app, **uvicorn_options(config))
+        return
+    del app
+    run_workers(config)
+
+
+def uvicorn_options(config: ServeConfig) -> dict[str, Any]:
+    return {
         "host": config.host,
         "port": config.port,
         # "auto" picks uvloop and httptools (uvicorn[standard]): measured faster than
@@ -51,30 +57,92 @@ def run(config: ServeConfig) -> None:
         "access_log": config.access_log,
         "log_level": config.log_level,
     }
-    if config.workers == 1:
-        uvicorn.run(app, **options)
-        return
-    del app
-    # uvicorn starts each worker as a new Python process (spawn) that imports worker_app.
-    fields = dataclasses.asdict(config)
-    del fields["api_key"]
-    os.environ[CONFIG_VARIABLE] = json.dumps(fields)
-    if config.api_key is not None:
-        os.environ[KEY_VARIABLE] = config.api_key
-    with tempfile.TemporaryDirectory(prefix="mnistflow-metrics-") as metrics:
-        os.environ[METRICS_VARIABLE] = metrics
-        factory = f"{__name__}:worker_app"
-        uvicorn.run(factory, factory=True, workers=config.workers, **options)
 
 
-def worker_app() -> FastAPI:
-    """One worker's app (uvicorn calls this in each worker process)."""
-    fields = json.loads(os.environ[CONFIG_VARIABLE])
-    config = ServeConfig(**fields, api_key=os.environ.get(KEY_VARIABLE))
+def log_to_stderr(config: ServeConfig) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return serving_app(config)
+
+
+def run_workers(config: ServeConfig) -> None:
+    """config.workers processes, each listening on the port with a socket of its own, started
+    again when one dies; until SIGINT or SIGTERM, which each worker gets to finish its
+    requests.
+
+    Why not uvicorn's --workers: its workers share one listening socket, and whichever is
+    idle when the connections come in accepts most of them (47 and 17, then 1 and 63 of
+    wrk's 64 connections, in two runs by hand), so one worker did the work of two. Sockets
+    of their own with SO_REUSEPORT let the kernel spread the connections between them.
+    """
+    reserve_port(config)
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no copied threads
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+
+    def start() -> tuple[Any, Any]:
+        # The config goes as the process's argument (pickled through a pipe), key included:
+        # neither the command line nor the environment of the workers shows it.
+        listening = spawn.Event()
+        worker = spawn.Process(
+            target=serve_worker, args=(config, listening), name="mnistflow-worker"
+        )
+        worker.start()
+        return worker, listening
+
+    with tempfile.TemporaryDirectory(prefix="mnistflow-metrics-") as metrics:
+        os.environ[METRICS_VARIABLE] = metrics  # read by each worker as it starts
+        workers = [start() for _ in range(config.workers)]
+        try:
+            while not stop.wait(0.5):
+                for i, (worker, listening) in enumerate(workers):
+                    if worker.is_alive():
+                        continue
+                    if not listening.is_set():  # it would fail again
+                        raise MnistflowError(
+                            f"a server worker exited with {worker.exitcode} while starting; "
+                            "its log is above."
+                        )
+                    log.error("worker %s exited with %s; starting another", worker.pid,
+                              worker.exitcode)  # fmt: skip
+                    workers[i] = start()
+        finally:
+            for worker, _ in workers:
+                worker.terminate()  # SIGTERM: uvicorn finishes the requests in flight
+            for worker, _ in workers:
+                worker.join(30)
+                if worker.is_alive():
+                    worker.kill()
+
+
+def reserve_port(config: ServeConfig) -> None:
+    """Fail now, with one sentence, when the workers could not listen on the port."""
+    try:
+        listening_socket(config).close()
+    except OSError as e:
+        message = f"cannot listen on {config.host}:{config.port} ({e.strerror})."
+        raise MnistflowError(message) from None
+
+
+def listening_socket(config: ServeConfig) -> socket.socket:
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((config.host, config.port))
+    return sock
+
+
+def serve_worker(config: ServeConfig, listening: Any) -> None:
+    """One worker process: its own model, then its own socket on the port (and listening
+    set: the worker started)."""
+    log_to_stderr(config)
+    app = serving_app(config)
+    sock = listening_socket(config)
+    sock.listen(2048)
+    listening.set()
+    uvicorn.Server(uvicorn.Config(app, **uvicorn_options(config))).run(sockets=[sock])
 
 
 def serving_app(config: ServeConfig) -> FastAPI:
