@@ -49,6 +49,20 @@ def one_by_one(served: ServedModel, pixels: np.ndarray) -> tuple[np.ndarray, np.
     return served.classifier.classify(pixels)
 
 
+MODE = {"model_thread": True}
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["model-thread", "inline"])
+def model_thread(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs twice: with the model in its own thread (a server of one process),
+    and inline on the event loop (each of several workers)."""
+    monkeypatch.setitem(MODE, "model_thread", request.param)
+
+
+def make(classify: Any, **settings: Any) -> MicroBatcher:
+    return MicroBatcher(classify, model_thread=MODE["model_thread"], **settings)
+
+
 def gather(batcher: MicroBatcher, requests: list[tuple[ServedModel, np.ndarray]]) -> list[Any]:
     async def all_at_once() -> list[Any]:
         calls = [batcher.classify(model, pixels) for model, pixels in requests]
@@ -67,7 +81,7 @@ def assert_own_rows(answer: tuple[np.ndarray, np.ndarray], pixels: np.ndarray) -
 def test_requests_that_arrive_together_share_one_call_and_get_their_own_rows():
     model = Recorder()
     calls: list[int] = []
-    batcher = MicroBatcher(one_by_one, max_batch=64, on_call=calls.append)
+    batcher = make(one_by_one, max_batch=64, on_call=calls.append)
     model_served = served(model)
     requests = [(model_served, digits(i, rows)) for i, rows in enumerate([1, 3, 1, 2, 5, 1])]
     answers = gather(batcher, requests)
@@ -78,7 +92,7 @@ def test_requests_that_arrive_together_share_one_call_and_get_their_own_rows():
 
 def test_a_batch_never_exceeds_max_batch_unless_one_request_does():
     model = Recorder()
-    batcher = MicroBatcher(one_by_one, max_batch=8)
+    batcher = make(one_by_one, max_batch=8)
     sizes = [3, 3, 3, 3, 9, 2, 1, 8]
     model_served = served(model)
     requests = [(model_served, digits(i, rows)) for i, rows in enumerate(sizes)]
@@ -94,7 +108,7 @@ def test_max_batch_one_calls_the_model_per_request():
     model = Recorder()
     model_served = served(model)
     requests = [(model_served, digits(i, 2)) for i in range(5)]
-    answers = gather(MicroBatcher(one_by_one, max_batch=1), requests)
+    answers = gather(make(one_by_one, max_batch=1), requests)
     for (_, pixels), answer in zip(requests, answers, strict=True):
         assert_own_rows(answer, pixels)
     assert model.calls == [2] * 5
@@ -107,7 +121,7 @@ def test_only_the_request_at_fault_gets_the_error():
     model_served = served(model)
     requests = [(model_served, digits(i, 2)) for i in range(5)]
     requests[2] = (model_served, bad)
-    answers = gather(MicroBatcher(one_by_one), requests)
+    answers = gather(make(one_by_one), requests)
     assert isinstance(answers[2], ValueError)
     for i in (0, 1, 3, 4):
         assert_own_rows(answers[i], requests[i][1])
@@ -119,7 +133,7 @@ def test_digits_of_different_shapes_are_answered_each_alone():
     model_served = served(model)
     flat = digits(1, 2).reshape(2, 1, 28, 28)
     requests = [(model_served, digits(0, 1)), (model_served, flat)]
-    answers = gather(MicroBatcher(one_by_one), requests)
+    answers = gather(make(one_by_one), requests)
     for (_, pixels), answer in zip(requests, answers, strict=True):
         assert_own_rows(answer, pixels)
     assert model.calls == [1, 2]
@@ -129,7 +143,7 @@ def test_requests_keep_the_model_they_started_with():
     old, new = Recorder(), Recorder()
     models = [served(new, "2"), served(old, "1")]
     requests = [(models[i % 2], digits(i, 1)) for i in range(6)]
-    answers = gather(MicroBatcher(one_by_one), requests)
+    answers = gather(make(one_by_one), requests)
     for (_, pixels), answer in zip(requests, answers, strict=True):
         assert_own_rows(answer, pixels)
     assert old.calls == [3] and new.calls == [3]
@@ -138,7 +152,7 @@ def test_requests_keep_the_model_they_started_with():
 def test_a_request_waits_at_most_max_wait_for_company():
     model = Recorder()
     wait = 0.3
-    batcher = MicroBatcher(one_by_one, max_batch=64, max_wait=wait)
+    batcher = make(one_by_one, max_batch=64, max_wait=wait)
     model_served = served(model)
 
     async def first_then_second() -> list[float]:
@@ -160,7 +174,7 @@ def test_a_request_waits_at_most_max_wait_for_company():
     # With no wait, a lone request is answered on the loop's next pass, not after a timer.
     async def alone() -> float:
         started = time.monotonic()
-        await MicroBatcher(one_by_one, max_wait=0.0).classify(served(model), digits(9, 1))
+        await make(one_by_one, max_wait=0.0).classify(served(model), digits(9, 1))
         return time.monotonic() - started
 
     assert asyncio.run(alone()) < wait
@@ -168,7 +182,7 @@ def test_a_request_waits_at_most_max_wait_for_company():
 
 def test_a_full_batch_goes_before_its_wait_is_over():
     model = Recorder()
-    batcher = MicroBatcher(one_by_one, max_batch=4, max_wait=30.0)
+    batcher = make(one_by_one, max_batch=4, max_wait=30.0)
     started = time.monotonic()
     model_served = served(model)
     answers = gather(batcher, [(model_served, digits(i, 2)) for i in range(2)])
@@ -178,4 +192,4 @@ def test_a_full_batch_goes_before_its_wait_is_over():
 @pytest.mark.parametrize("max_batch, max_wait", [(0, 0.0), (8, -1.0)])
 def test_impossible_settings_are_refused(max_batch: int, max_wait: float):
     with pytest.raises(ValueError, match="max_batch"):
-        MicroBatcher(one_by_one, max_batch=max_batch, max_wait=max_wait)
+        make(one_by_one, max_batch=max_batch, max_wait=max_wait)

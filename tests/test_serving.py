@@ -722,6 +722,16 @@ def test_serve_refuses_to_start_without_its_model(trained: Store, cli):
     assert "Traceback" not in result.stderr
 
 
+def test_one_process_runs_its_model_in_a_thread_and_each_of_several_inline(
+    trained: Store, follower: ModelFollower
+):
+    """Measured choices (serving/batching.py): the thread helps one process use a second
+    core; workers that already share the cores are faster without it."""
+    for workers, threaded in ((1, True), (2, False)):
+        app = create_app(ServeConfig(tracking_uri=trained.uri, workers=workers), follower)
+        assert (app.state.service.batcher.model_thread is not None) is threaded
+
+
 def worker_processes(proc: Any) -> list[psutil.Process]:
     """The `serve --workers` process's workers (spawned interpreters), alive."""
     children = psutil.Process(proc.pid).children(recursive=True)

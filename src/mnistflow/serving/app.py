@@ -84,6 +84,8 @@ def create_app(config: ServeConfig, model_source: ModelFollower | None = None) -
         max_batch=config.max_batch,
         max_wait=config.batch_wait_ms / 1000,
         on_call=metrics.observe_model_call,
+        # Several workers already share the cores: inline is faster there (batching.py).
+        model_thread=config.workers == 1,
     )
     app.state.service = Service(config, follower, metrics, batcher)
     # The last added runs first: the metrics see every request, refused ones included.

@@ -4,9 +4,9 @@ A model call has a fixed cost (ONNX Runtime's dispatch, and for an ensemble ever
 that one batched call pays once for all the requests in it, so throughput grows with
 concurrency instead of with cores.
 
-The model runs in one thread of its own; the event loop only reads requests, forms batches
-and answers. A request's pixels join the pending batch and the request awaits its own answer.
-The batch goes to the model thread:
+In a server of one process the model runs in one thread of its own; the event loop only reads
+requests, forms batches and answers. A request's pixels join the pending batch and the request
+awaits its own answer. The batch goes to the model:
   - as soon as it holds ``max_batch`` digits (a request that would overflow it sends the
     pending batch first, and one larger than ``max_batch`` goes alone);
   - otherwise after ``max_wait`` seconds from its first request; with a wait of 0 (the
@@ -18,7 +18,12 @@ Why a thread: ONNX Runtime releases the GIL while it computes, so the loop reads
 answers requests on one core while the model computes on the other. A digit of the fast
 network costs about 80 µs on this project's 2-core test host (an ensemble several times
 that), as much as a request's HTTP and JSON; run inline, each batch stopped the loop for as
-long as it took.
+long as it took. With several worker processes (`serve --workers`), which already share the
+cores, each runs its model inline (model_thread=False): two threads per process then only
+contend for the cores and the GIL. Measured by hand with wrk on the 2-core host, alternating
+5 s rounds: one process, at concurrency 64, 3,960-3,980 requests/s with the thread against
+3,690-3,750 inline (at 16 inline was ahead, 3,480-3,610 against 3,060-3,380); two workers, at
+64, 5,650-6,220 inline against 5,340-5,720, p99 16-19 against 20-22 ms.
 
 Each request gets exactly its own rows back; a batch the model fails on is run again request
 by request, so that only the faulty one gets the error. Requests keep the model they started
@@ -75,6 +80,7 @@ class MicroBatcher:
         max_batch: int = 64,
         max_wait: float = 0.0,
         on_call: Callable[[int], None] | None = None,
+        model_thread: bool = True,
     ) -> None:
         if max_batch < 1 or max_wait < 0:
             raise ValueError(f"need max_batch >= 1 and max_wait >= 0, not {max_batch}, {max_wait}")
@@ -87,7 +93,9 @@ class MicroBatcher:
         self.timer: asyncio.Handle | None = None
         self.in_model = 0  # batches sent to the model thread and not yet answered
         # One thread: the model's calls run one after the other, in the order sent.
-        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="mnistflow-model")
+        self.model_thread = (
+            ThreadPoolExecutor(1, thread_name_prefix="mnistflow-model") if model_thread else None
+        )
 
     async def classify(self, served: ServedModel, pixels: np.ndarray) -> Answer:
         """This request's labels and probabilities, computed in a batch with its neighbours."""
@@ -120,7 +128,8 @@ class MicroBatcher:
 
     def close(self) -> None:
         """Let the model thread end once the batches sent to it are done."""
-        self.model_thread.shutdown(wait=False)
+        if self.model_thread is not None:
+            self.model_thread.shutdown(wait=False)
 
     def _send_waiting(self) -> None:
         if self.timer is not None:
@@ -135,13 +144,18 @@ class MicroBatcher:
     def _send(self, served: ServedModel, batch: list[_Waiting]) -> None:
         self.in_model += 1
         pixels = [w.pixels for w in batch]
-        done = asyncio.get_running_loop().run_in_executor(
-            self.model_thread, self._run, served, pixels
-        )
+        loop = asyncio.get_running_loop()
+        if self.model_thread is None:  # inline: the loop waits for the model
+            done: asyncio.Future[_Outcome] = loop.create_future()
+            done.set_result(self._run(served, pixels))
+            self._answer(batch, done)
+            return
+        done = loop.run_in_executor(self.model_thread, self._run, served, pixels)
         done.add_done_callback(lambda outcome: self._answer(batch, outcome))
 
     def _run(self, served: ServedModel, pixels: list[np.ndarray]) -> _Outcome:
-        """In the model thread: the batch in one call, or each request alone if that fails."""
+        """In the model thread (or inline): the batch in one call, or each request alone if
+        that fails."""
         if len(pixels) > 1:
             try:
                 # Fails on digits of different shapes (the routes send (n, 1, 28, 28) float32).
