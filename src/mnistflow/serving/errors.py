@@ -70,12 +70,20 @@ def error_response(
     return Response(body, status, headers, media_type="application/json")
 
 
-async def api_error(request: Request, exc: ApiError) -> Response:
-    return error_response(request, exc.status, exc.message, mlflow_code=exc.mlflow_code)
+def meaning(exc: Exception) -> tuple[int, str, str | None]:
+    """What an exception raised while answering tells the client: status, sentence and
+    /invocations error code (None: the status's usual one). For the app's handlers and for
+    serving/fast_path.py, which answers below them."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.message, exc.mlflow_code
+    if isinstance(exc, PixelError):
+        return 400, str(exc), INVALID_INPUT
+    return 500, "internal server error; the server log has the details.", None
 
 
-async def pixel_error(request: Request, exc: PixelError) -> Response:
-    return error_response(request, 400, str(exc), mlflow_code=INVALID_INPUT)
+async def answer_exception(request: Request, exc: Exception) -> Response:
+    status, message, mlflow_code = meaning(exc)
+    return error_response(request, status, message, mlflow_code=mlflow_code)
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -90,15 +98,12 @@ async def validation_error(request: Request, exc: RequestValidationError) -> Res
     return error_response(request, 422, str(first.get("msg")))
 
 
-async def unexpected(request: Request, exc: Exception) -> Response:
-    # Starlette re-raises after this response is sent, so uvicorn logs the traceback.
-    return error_response(request, 500, "internal server error; the server log has the details.")
-
-
 def add_handlers(app: FastAPI) -> None:
     """Install the handlers: every error the app can meet answers in one JSON shape."""
-    app.exception_handler(ApiError)(api_error)
-    app.exception_handler(PixelError)(pixel_error)
+    app.exception_handler(ApiError)(answer_exception)
+    app.exception_handler(PixelError)(answer_exception)
     app.exception_handler(HTTPException)(http_error)
     app.exception_handler(RequestValidationError)(validation_error)
-    app.exception_handler(Exception)(unexpected)
+    # Any other exception is a 500: Starlette re-raises after the response is sent, so
+    # uvicorn logs the traceback.
+    app.exception_handler(Exception)(answer_exception)

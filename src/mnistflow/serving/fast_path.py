@@ -23,9 +23,8 @@ import time
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from mnistflow.lifecycle.pixels import PixelError
 from mnistflow.serving.deps import Service
-from mnistflow.serving.errors import INVALID_INPUT, ApiError, error_body
+from mnistflow.serving.errors import ApiError, error_body, meaning
 from mnistflow.serving.inputs import ClientGone, media_type, read_body
 from mnistflow.serving.routes.predict import JSON_HALVES
 
@@ -50,14 +49,11 @@ async def answered(service: Service, scope: Scope, receive: Receive, send: Send)
         served, answer = await half(service, body)
     except ClientGone:
         return True
-    except ApiError as e:
-        status, body = e.status, error_body(path, e.status, e.message, e.mlflow_code)
-    except PixelError as e:
-        status, body = 400, error_body(path, 400, str(e), INVALID_INPUT)
-    except Exception:
-        log.exception("%s failed", path)
-        message = "internal server error; the server log has the details."
-        status, body = 500, error_body(path, 500, message)
+    except Exception as e:
+        status, message, mlflow_code = meaning(e)
+        if status >= 500 and not isinstance(e, ApiError):
+            log.exception("%s failed", path)  # as uvicorn logs what reaches the app's handler
+        body = error_body(path, status, message, mlflow_code)
     else:
         status, body = 200, orjson.dumps(answer)
         headers.append((b"x-model-version", (served.version or "").encode()))
