@@ -42,24 +42,27 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            if declared.isdigit() and int(declared) > self.max_bytes:
-                raise too_large(self.max_bytes)
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise too_large(self.max_bytes)
-            return message
-
-        await self.app(scope, limited_receive, send)
+        await self.app(scope, limited(scope, receive, self.max_bytes), send)
 
 
-def too_large(max_bytes: int) -> ApiError:
-    return ApiError(413, f"the request body is over the limit of {max_bytes:,} bytes.")
+def limited(scope: Scope, receive: Receive, max_bytes: int) -> Receive:
+    """receive, raising a 413 ApiError at once when Content-Length says the body is over
+    max_bytes (nothing is read), else as soon as the bytes received pass it."""
+    declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+    received = 0
+    too_large = f"the request body is over the limit of {max_bytes:,} bytes."
+
+    async def limited_receive() -> Message:
+        nonlocal received
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise ApiError(413, too_large)
+        message = await receive()
+        received += len(message.get("body", b""))
+        if received > max_bytes:
+            raise ApiError(413, too_large)
+        return message
+
+    return limited_receive
 
 
 class ClientGone(Exception):
@@ -67,22 +70,15 @@ class ClientGone(Exception):
 
 
 async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as BodyLimitMiddleware refuses it (for the routes
-    that are answered below the app: serving/fast_path.py)."""
-    declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise too_large(max_bytes)
+    """The whole request body, within the same limit as BodyLimitMiddleware's (for the
+    requests answered before the app: serving/fast_path.py)."""
+    receive = limited(scope, receive, max_bytes)
     chunks = []
-    received = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
-        chunk = message.get("body", b"")
-        received += len(chunk)
-        if received > max_bytes:
-            raise too_large(max_bytes)
-        chunks.append(chunk)
+        chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)
 
