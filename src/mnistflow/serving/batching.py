@@ -144,14 +144,12 @@ class MicroBatcher:
     def _send(self, served: ServedModel, batch: list[_Waiting]) -> None:
         self.in_model += 1
         pixels = [w.pixels for w in batch]
-        loop = asyncio.get_running_loop()
         if self.model_thread is None:  # inline: the loop waits for the model
-            done: asyncio.Future[_Outcome] = loop.create_future()
-            done.set_result(self._run(served, pixels))
-            self._answer(batch, done)
+            self._answer(batch, self._run(served, pixels))
             return
+        loop = asyncio.get_running_loop()
         done = loop.run_in_executor(self.model_thread, self._run, served, pixels)
-        done.add_done_callback(lambda outcome: self._answer(batch, outcome))
+        done.add_done_callback(lambda outcome: self._answer(batch, outcome.result()))
 
     def _run(self, served: ServedModel, pixels: list[np.ndarray]) -> _Outcome:
         """In the model thread (or inline): the batch in one call, or each request alone if
@@ -178,10 +176,9 @@ class MicroBatcher:
                 alone.append(e)
         return _Outcome(alone, [len(one) for one in pixels])
 
-    def _answer(self, batch: list[_Waiting], done: asyncio.Future[_Outcome]) -> None:
+    def _answer(self, batch: list[_Waiting], outcome: _Outcome) -> None:
         """On the loop: hand each request its answer, then send what waited meanwhile."""
         self.in_model -= 1
-        outcome = done.result()
         for digits in outcome.calls:
             self.on_call(digits)
         for waiting, answer in zip(batch, outcome.answers, strict=True):

@@ -161,10 +161,15 @@ def serving_app(config: ServeConfig) -> FastAPI:
     # 100 ms, and the requests in flight during one set the p99 (measured at concurrency 16
     # with micro-batching, whose waiting requests are promoted to the old generation).
     gc.freeze()
-    # The model computes in a thread of its own (batching.py). A thread wanting the GIL
-    # waits a whole switch interval (5 ms by default) before it may claim it from a busy
-    # one, so each model call's answer, and each request read during a model call, could
-    # wait 5 ms. At 0.1 ms: 3,400 against 2,700 requests/s at concurrency 16, 3,900 against
-    # 3,500 at 64 (one fast model, wrk on loopback, this project's 2-core host).
-    sys.setswitchinterval(1e-4)
+    if app.state.service.batcher.model_thread is not None:
+        set_switch_interval()
     return app
+
+
+def set_switch_interval() -> None:
+    """For a model computing in a thread of its own (batching.py): a thread wanting the GIL
+    waits a whole switch interval (5 ms by default) before it may claim it from a busy one,
+    so each model call's answer, and each request read during a model call, could wait 5 ms.
+    At 0.1 ms: 3,400 against 2,700 requests/s at concurrency 16, 3,900 against 3,500 at 64
+    (one fast model, wrk on loopback, this project's 2-core host)."""
+    sys.setswitchinterval(1e-4)
