@@ -309,8 +309,15 @@ def _fit_one(
         steps.reporter.log_epoch(len(history), metrics)
 
 
+# Images per forward pass when evaluating on the CPU. Small enough that a batch's activations
+# stay in the CPU's caches: on the 2-core build machine, 10,000 digits took 0.57 s at 256
+# against 0.65 s at 2,000 for the fast network, 1.8 s against 4.2 s for the quality one.
+# A GPU wants large batches instead.
+CPU_EVAL_BATCH, GPU_EVAL_BATCH = 256, 2000
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> Evaluation:
+def evaluate(model: nn.Module, split: Split, batch_size: int | None = None) -> Evaluation:
     """Accuracy, mean cross-entropy, probabilities and predictions of model on a split."""
     logits = outputs(model, split.images, batch_size)
     probabilities = logits.softmax(1)
@@ -324,11 +331,14 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> Evaluati
 
 
 @torch.inference_mode()
-def outputs(model: nn.Module, images: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
-    """The network's logits (N, 10), float32 on the CPU, for uint8 images (N, 1, 28, 28)."""
+def outputs(model: nn.Module, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """The network's logits (N, 10), float32 on the CPU, for uint8 images (N, 1, 28, 28);
+    batch_size: images per forward pass, by default the best for the model's device."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    if batch_size is None:
+        batch_size = CPU_EVAL_BATCH if device.type == "cpu" else GPU_EVAL_BATCH
     logits = []
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size].to(device).float()
