@@ -22,6 +22,8 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from mnistflow.cli.app import app
+from mnistflow.config import DataConfig
+from mnistflow.data import writers
 from mnistflow.lifecycle import registry
 from mnistflow.spool import targets
 from mnistflow.stack import servers
@@ -63,9 +65,11 @@ def _hermetic_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     saved = dict(os.environ)
     os.environ["MNISTFLOW_MNIST_MIRROR"] = str(MIRROR)
     # One data cache for all pytest-xdist workers: the other-writers set (12 s of CPU) is
-    # rendered by the first run that needs it, not once per worker (two at once may both
-    # render it: each renames its file into place whole).
+    # rendered once, not once per worker.
     os.environ["MNISTFLOW_DATA_DIR"] = str(shared_folder(tmp_path_factory) / "data-cache")
+    # Rendered here, once, under a lock: workers that start together would each render it.
+    with FileLock(str(shared_folder(tmp_path_factory) / "writers.lock")):
+        writers.load(DataConfig())
     # Runs are spooled here (and per test, see _own_spool), never in the user's home.
     os.environ["MNISTFLOW_SPOOL_DIR"] = str(tmp_path_factory.mktemp("spool"))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -249,7 +253,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def test_split() -> Any:
     """The 10,000 MNIST test digits, loaded once."""
     from mnistflow import data
-    from mnistflow.config import DataConfig
 
     return data.load(DataConfig(mirror=str(MIRROR))).test
 

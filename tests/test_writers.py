@@ -51,9 +51,9 @@ def test_load_caches_the_whole_set_and_names_it(tmp_path: Path, monkeypatch):
 
 
 def test_an_unwritable_cache_gives_one_clear_error(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(writers, "PER_FONT_DIGIT", 1)
-    monkeypatch.setattr(writers, "PER_STROKE_DIGIT", 1)
     monkeypatch.setattr(writers, "RECIPE", "writers-test")  # not the real set's cache name
+    # Refused before anything is rendered.
+    monkeypatch.setattr(writers, "build", lambda *a, **k: pytest.fail("rendered in vain"))
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(MnistflowError, match="Cannot cache the other-writers set"):

@@ -78,9 +78,11 @@ def load(config: DataConfig) -> tuple[np.ndarray, np.ndarray, str] | None:
     if cached.is_file():
         with np.load(cached) as saved:
             return saved["images"], saved["labels"], name
-    images, labels = build(fonts)
     try:
+        # Made before the set is rendered: a folder that cannot be made fails at once, not
+        # after 12 s of rendering.
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        images, labels = build(fonts)
         # Written under another name, then renamed: a reader never sees half a file.
         partial = cached.with_suffix(f".{os.getpid()}.partial")
         with partial.open("wb") as f:
