@@ -206,9 +206,19 @@ def use_store(uri: str | None, create: bool = False) -> str:
     resolved = resolve_tracking_uri(uri)
     check_reachable(resolved)
     path = sqlite_path(resolved)
-    if not create and path is not None and not path.is_file():
-        raise MnistflowError(
-            f"There is no MLflow store at {path}; train a model first "
-            "(mnistflow train) or point --tracking-uri / MLFLOW_TRACKING_URI at your store."
-        )
+    if path is not None and not path.is_file():
+        if not create:
+            raise MnistflowError(
+                f"There is no MLflow store at {path}; train a model first "
+                "(mnistflow train) or point --tracking-uri / MLFLOW_TRACKING_URI at your store."
+            )
+        # Made here, whole, from the migrated template: MLflow would run its whole migration
+        # history on first use (3.5 s of CPU), and could leave half a store behind.
+        try:
+            create_sqlite_store(path)
+        except OSError as e:
+            reason = remote.store_sentence(e, resolved)
+            raise MnistflowError(
+                reason or f"Cannot create the MLflow store {redact(resolved)}: {e.strerror}."
+            ) from e
     return resolved
