@@ -29,6 +29,8 @@ from mnistflow.spool import targets
 from mnistflow.stack import servers
 from mnistflow.stack.servers import free_port as free_port
 from mnistflow.stack.servers import wait_until_up as wait_until_up
+from mnistflow.store import checks
+from mnistflow.store.uris import sqlite_path
 
 ROOT = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("MNISTFLOW_MNIST_MIRROR") or ROOT.parent / "shared" / "mnist")
@@ -114,6 +116,16 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh sqlite tracking store; the working dir is tmp_path, so ./mlruns lands there."""
     monkeypatch.chdir(tmp_path)
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def made(store_uri: str) -> str:
+    """store_uri (sqlite:///...), its store made now as mnistflow makes one (MLflow's tables
+    copied from a migrated template, see store/checks.py): for tests that need a store to
+    exist, without MLflow's 3.5 s of migrations."""
+    path = sqlite_path(store_uri)
+    assert path is not None, store_uri
+    checks.create_sqlite_store(path)
+    return store_uri
 
 
 @dataclass

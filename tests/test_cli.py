@@ -14,7 +14,7 @@ import requests
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST_ARGS, MNISTFLOW, free_port, tool_env, wait_until_up
+from conftest import FAST_ARGS, MNISTFLOW, free_port, made, tool_env, wait_until_up
 from mnistflow import data
 from mnistflow.lifecycle import networks
 from mnistflow.spool.targets import spool_uri
@@ -185,7 +185,7 @@ def test_default_store_is_sqlite_in_the_working_directory(store: str, tmp_path: 
 def test_ctrl_c_outside_training_says_what_it_left(
     command: list[str], stops: str, words: str, store: str, cli, monkeypatch
 ):
-    MlflowClient(store).search_experiments()  # the store exists
+    made(store)  # the store exists
     np.save("digits.npy", np.zeros((1, 28, 28), np.uint8))
 
     def interrupted(*args: object, **kwargs: object) -> None:

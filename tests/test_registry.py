@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import mnistflow
-from conftest import run_cli
+from conftest import made, run_cli
 from mnistflow.config import MnistflowError
 from mnistflow.lifecycle import logged_models, registry
 
@@ -26,7 +26,7 @@ SRC = Path(mnistflow.__file__).resolve().parents[1]
 def registry_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One store for this module's registry tests (creating a sqlite store takes seconds);
     each test works on a registered model of its own."""
-    return f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+    return made(f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}")
 
 
 @pytest.fixture
@@ -178,7 +178,7 @@ def test_log_served_model_checks_the_graph_then_serves_it(tmp_path: Path, store:
     pixels = rng.integers(0, 256, (8, 1, 28, 28)).astype(np.uint8)
     expected = linear_probabilities(pixels, weights)
     onnx_path = linear_onnx(tmp_path / "linear.onnx", weights)
-    mlflow.set_tracking_uri(store)
+    mlflow.set_tracking_uri(made(store))
     mlflow.set_experiment("any-trainer")
     with mlflow.start_run() as run:
         # Refused: the labels differ from the trainer's, a wrong interface, a wrong shape.

@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import MNISTFLOW, assert_abstention_logged, run_cli
+from conftest import MNISTFLOW, assert_abstention_logged, made, run_cli
 from mnistflow.config import preset_config
 from mnistflow.lifecycle import networks as models
 from mnistflow.lifecycle import registry
@@ -271,7 +271,7 @@ def test_separately_started_commands_join_one_study_and_one_parent(postgres_url,
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # MLflow's SQLite store creates its tables on first use, which two processes starting
     # at once would race on; the study set-up itself is serialised by the sweep.
-    MlflowClient(uri).search_experiments()
+    made(uri)
     args = [
         *MNISTFLOW, "sweep", "--study", "pg-commands", "--storage", postgres_url,
         "--trials", "2", *SLICE, "--tracking-uri", uri, "--json",
@@ -347,7 +347,7 @@ def test_an_interrupt_while_a_trial_run_starts_or_ends_leaves_it_ended(
     from mnistflow.config import TrackingConfig
     from mnistflow.sweep import workers
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = made(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = MlflowClient(uri)
     experiment_id = client.create_experiment("trials")
     parent = client.create_run(experiment_id)

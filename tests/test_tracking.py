@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST_ARGS, assert_abstention_logged, run_cli
+from conftest import FAST_ARGS, assert_abstention_logged, made, run_cli
 from mnistflow.config import MnistflowError, TrainConfig
 from mnistflow.data import DATASET_DIGEST
 from mnistflow.engines.plain import native_bf16, resolve
@@ -195,7 +195,7 @@ def test_sync_and_async_logging_lose_nothing(mode: str, store: str, cli):
 
 @pytest.mark.slow
 def test_use_experiment_marks_old_experiments_and_keeps_a_chosen_kind(store: str):
-    mlflow.set_tracking_uri(store)
+    mlflow.set_tracking_uri(made(store))
     client = MlflowClient(store)
     untagged = client.create_experiment("made-by-mnistflow-0.1")
     guessed = client.create_experiment(
