@@ -20,7 +20,7 @@ from conftest import FAST_ARGS, assert_abstention_logged, made, run_cli
 from mnistflow.config import MnistflowError, TrainConfig
 from mnistflow.data import DATASET_DIGEST
 from mnistflow.engines.plain import native_bf16, resolve
-from mnistflow.store.checks import check_reachable
+from mnistflow.store.checks import check_reachable, empty_store_template, use_store
 from mnistflow.store.experiments import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, use_experiment
 
 STEPS_PER_EPOCH = -(-2000 // 128)
@@ -191,6 +191,19 @@ def test_sync_and_async_logging_lose_nothing(mode: str, store: str, cli):
     client = MlflowClient(store)
     history = client.get_metric_history(result.json()["run_id"], "train_loss")
     assert [m.step for m in history] == list(range(2 * STEPS_PER_EPOCH))
+
+
+def test_a_store_to_be_created_is_made_whole_from_the_template(store: str, monkeypatch):
+    from mlflow.store.db import utils as db_utils
+
+    assert empty_store_template() is not None  # made once per MLflow version
+    monkeypatch.setattr(db_utils, "_upgrade_db", lambda *a: pytest.fail("migrated again"))
+    with pytest.raises(MnistflowError, match="There is no MLflow store at"):
+        use_store(store)  # only a command that writes runs makes one
+    assert use_store(store, create=True) == store
+    client = MlflowClient(store)
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert client.create_experiment("first") and use_store(store) == store
 
 
 @pytest.mark.slow
