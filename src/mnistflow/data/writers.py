@@ -18,6 +18,7 @@ on the same digits.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -78,22 +79,30 @@ def load(config: DataConfig) -> tuple[np.ndarray, np.ndarray, str] | None:
     if cached.is_file():
         with np.load(cached) as saved:
             return saved["images"], saved["labels"], name
-    try:
-        # Made before the set is rendered: a folder that cannot be made fails at once, not
-        # after 12 s of rendering.
+    # The folder is made before the set is rendered: one that cannot be made fails at once,
+    # not after 12 s of rendering.
+    with _caching_in(config.data_dir):
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        images, labels = build(fonts)
+    images, labels = build(fonts)
+    with _caching_in(config.data_dir):
         # Written under another name, then renamed: a reader never sees half a file.
         partial = cached.with_suffix(f".{os.getpid()}.partial")
         with partial.open("wb") as f:
             np.savez_compressed(f, images=images, labels=labels)
         partial.replace(cached)
+    return images, labels, name
+
+
+@contextlib.contextmanager
+def _caching_in(folder: Path) -> Iterator[None]:
+    """An OSError in the block, said as the one sentence of a cache folder we cannot write."""
+    try:
+        yield
     except OSError as e:
         raise MnistflowError(
-            f"Cannot cache the other-writers set in {config.data_dir} ({e.strerror}); "
+            f"Cannot cache the other-writers set in {folder} ({e.strerror}); "
             "set MNISTFLOW_DATA_DIR to a writable folder."
         ) from e
-    return images, labels, name
 
 
 def build(

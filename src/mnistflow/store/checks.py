@@ -212,13 +212,9 @@ def use_store(uri: str | None, create: bool = False) -> str:
                 f"There is no MLflow store at {path}; train a model first "
                 "(mnistflow train) or point --tracking-uri / MLFLOW_TRACKING_URI at your store."
             )
-        # Made here, whole, from the migrated template: MLflow would run its whole migration
-        # history on first use (3.5 s of CPU), and could leave half a store behind.
-        try:
-            create_sqlite_store(path)
-        except OSError as e:
-            reason = remote.store_sentence(e, resolved)
-            raise MnistflowError(
-                reason or f"Cannot create the MLflow store {redact(resolved)}: {e.strerror}."
-            ) from e
+        # Made here, whole, from the migrated template (as spool/targets.py's open_target
+        # does): MLflow would run its whole migration history on first use (3.5 s of CPU),
+        # and could leave half a store behind.
+        check_writable(resolved)
+        create_sqlite_store(path)
     return resolved
