@@ -168,9 +168,10 @@ def _finish_best(
         # Downloaded from the tracking server: tensors and plain values only, never code
         # (explicit, not the default of whichever torch is installed).
         checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+        # A trial that searched the width (fast or wide network) saved it; others the arch.
         network = (
             networks.FastNet(width=checkpoint["width"])
-            if checkpoint["arch"] == "fast"
+            if checkpoint.get("width") is not None
             else networks.build(checkpoint["arch"])
         )
         network.load_state_dict(checkpoint["state_dict"])
