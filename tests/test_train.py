@@ -183,19 +183,6 @@ def test_every_network_maps_raw_pixels_to_ten_logits(arch: str):
     assert net(pixels).shape == (3, 10)
 
 
-def test_the_wide_network_is_the_fast_one_at_twice_its_width_and_the_quality_members():
-    wide = models.build("wide")
-    assert isinstance(wide, models.FastNet)
-    assert wide.width == models.WIDE_WIDTH == 2 * models.FAST_WIDTH
-    same = models.FastNet(width=models.WIDE_WIDTH)
-    assert [p.shape for p in wide.parameters()] == [p.shape for p in same.parameters()]
-    # Its weights load into the fast network of that width (what a sweep's trial rebuilds).
-    same.load_state_dict(wide.state_dict())
-    quality = preset_config("quality")
-    assert (quality.arch, quality.members) == ("wide", 4)
-    assert all(type(m) is models.WideNet for m in models.build("wide", members=2).members)
-
-
 def ink_centres(images: torch.Tensor) -> torch.Tensor:
     """(B, 1, 28, 28) -> (B, 2): each image's centre of ink mass (row, column) in pixels."""
     grid = torch.arange(28, dtype=torch.float32)
@@ -295,7 +282,7 @@ def test_presets_and_impossible_values_are_refused_by_name():
 # added here, so that validate() cannot miss it.
 UNUSABLE = {
     "preset": ("", "preset must be a name"),
-    "arch": ("resnet", "arch must be one of fast, wide, classic, quality, got 'resnet'"),
+    "arch": ("resnet", "arch must be one of fast, classic, quality, got 'resnet'"),
     "epochs": (0, "epochs must be at least 1"),
     "members": (1.5, "members must be at least 1"),
     "batch_size": (2.5, "batch size must be at least 1"),

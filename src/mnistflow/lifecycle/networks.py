@@ -92,19 +92,6 @@ class FastNet(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
 
-# The wide network's width: twice the fast one's, about 4x its multiply-adds. Trained 12
-# epochs with augmentation it scored 99.56-99.68% alone against 99.56-99.63% at width 24
-# (README, the presets), so the quality preset's members are wide.
-WIDE_WIDTH = 48
-
-
-class WideNet(FastNet):
-    """The fast network at twice its width: the quality preset's ensemble members."""
-
-    def __init__(self) -> None:
-        super().__init__(width=WIDE_WIDTH)
-
-
 class ClassicNet(nn.Module):
     """The network of the PyTorch MNIST example (conv32-conv64-fc128), logits out."""
 
@@ -181,7 +168,6 @@ class Ensemble(nn.Module):
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "fast": FastNet,
-    "wide": WideNet,
     "classic": ClassicNet,
     "quality": QualityNet,
 }

@@ -53,10 +53,10 @@ class SweepDefinition:
             raise MnistflowError(
                 f"prune_after_trials must be 0 or more, got {self.prune_after_trials}."
             )
-        if self.space.width is not None and base.arch not in ("fast", "wide"):
+        if self.space.width is not None and base.arch != "fast":
             raise MnistflowError(
-                f"width applies only to the fast network (and the wide one), not to preset "
-                f"{self.preset!r}; remove it from the search space."
+                f"width applies only to the fast network, not to preset {self.preset!r}; remove "
+                "it from the search space."
             )
         if not self.space.dimensions():
             raise MnistflowError("The search space is empty; give at least one parameter.")

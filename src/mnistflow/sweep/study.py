@@ -168,10 +168,9 @@ def _finish_best(
         # Downloaded from the tracking server: tensors and plain values only, never code
         # (explicit, not the default of whichever torch is installed).
         checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-        # A trial that searched the width (fast or wide network) saved it; others the arch.
         network = (
             networks.FastNet(width=checkpoint["width"])
-            if checkpoint.get("width") is not None
+            if checkpoint["arch"] == "fast"
             else networks.build(checkpoint["arch"])
         )
         network.load_state_dict(checkpoint["state_dict"])

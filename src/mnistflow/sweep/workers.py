@@ -154,8 +154,7 @@ def _objective(trial: optuna.Trial, job: WorkerJob, splits: MnistSplits) -> floa
     base = resolve(dataclasses.replace(job.definition.base_config(), members=1))
     device = base.device
     train_config = dataclasses.replace(base, **{k: v for k, v in params.items() if k != "width"})
-    widths = {"fast": networks.FAST_WIDTH, "wide": networks.WIDE_WIDTH}
-    width = params.get("width", widths.get(train_config.arch))
+    width = params.get("width", networks.FAST_WIDTH if train_config.arch == "fast" else None)
     tags = {
         **job.tracking.tags,
         "sweep_study": job.study,
