@@ -278,7 +278,12 @@ def test_pipeline_loads_mnist_once_and_takes_an_ensemble_whole(
         client.download_artifacts(outcome["train"]["run_id"], "weights/model.pt", str(tmp_path)),
         weights_only=True,
     )
-    networks.build(saved["arch"], saved["members"]).load_state_dict(saved["state_dict"])
+    rebuilt = networks.build(saved["arch"], saved["members"])
+    rebuilt.load_state_dict(saved["state_dict"])
+    # ... with its members' temperatures, fitted on validation and logged beside the rest.
+    metrics = client.get_run(outcome["train"]["run_id"]).data.metrics
+    logged = [metrics["member_0_temperature"], metrics["member_1_temperature"]]
+    assert rebuilt.temperatures.tolist() == pytest.approx(logged) and 1.0 not in logged
     assert len(loads) == 1  # training, the promotion's evaluation and the samples share it
     assert outcome["train"]["registered_version"] == "1"
     assert outcome["promotion"]["promoted"] is True

@@ -13,7 +13,15 @@ import torch
 from conftest import MIRROR
 from mnistflow import data
 from mnistflow.config import DataConfig, MnistflowError, TrainConfig, preset_config, validate
-from mnistflow.engines.plain import augment, evaluate, fit, native_bf16, resolve
+from mnistflow.engines.plain import (
+    augment,
+    evaluate,
+    fit,
+    native_bf16,
+    outputs,
+    resolve,
+    temperature,
+)
 from mnistflow.lifecycle import networks as models
 from mnistflow.lifecycle.export import onnx_probabilities, to_onnx
 from mnistflow.reporting import Reporter
@@ -84,7 +92,7 @@ def test_the_other_presets_run_and_learn_on_a_short_slice(small: data.MnistSplit
     recorder = Recorder()
     config = preset_config(preset, epochs=3, device="cpu")
     assert config.augment  # both train on randomly moved digits
-    assert config.members == (4 if preset == "quality" else 1)
+    assert config.members == (8 if preset == "quality" else 1)
     result = fit(config, small.train, small.val, recorder)
     per_member = len(recorder.losses) // config.members
     for start in range(0, len(recorder.losses), per_member):
@@ -98,7 +106,8 @@ def test_members_are_the_networks_their_seeds_train_alone_answering_as_one(
     small: data.MnistSplits,
 ):
     """An ensemble of 2 is the networks of seeds 5 and 6, weight for weight; its epochs and
-    steps are numbered on from one member to the next; it answers their mean probabilities."""
+    steps are numbered on from one member to the next; it answers the mean of their
+    probabilities, each at the temperature fitted on the validation digits."""
     config = preset_config("fast", epochs=1, device="cpu", seed=5)
     recorder = Recorder()
     both = fit(dataclasses.replace(config, members=2), small.train, small.val, recorder)
@@ -114,23 +123,58 @@ def test_members_are_the_networks_their_seeds_train_alone_answering_as_one(
     assert both.step_losses == alone[0].step_losses + alone[1].step_losses
     assert [epoch for epoch, _ in recorder.epochs] == [1, 2]
     assert both.train_seconds == pytest.approx(sum(m["epoch_seconds"] for m in both.history))
-    mean = torch.stack([evaluate(r.model, small.test).probabilities for r in alone]).mean(0)
+    fitted = [temperature(outputs(r.model, small.val.images), small.val.labels) for r in alone]
+    assert both.model.temperatures.tolist() == pytest.approx(fitted, rel=1e-6)
+    assert fitted[0] != fitted[1]
+    mean = torch.stack(
+        [(outputs(r.model, small.test.images) / t).softmax(1) for r, t in zip(alone, fitted)]
+    ).mean(0)
     assert torch.allclose(evaluate(both.model, small.test).probabilities, mean, atol=1e-6)
 
 
+def test_the_fitted_temperature_is_the_one_the_labels_were_drawn_at():
+    """Labels drawn from softmax(z / 0.5) give back a temperature near 0.5, and labels drawn
+    from softmax(z * 1 / 2) one near 2: the fit finds the scale, not a fixed guess."""
+    generator = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(20_000, 10, generator=generator)
+    for true in (0.5, 2.0):
+        labels = torch.multinomial((logits / true).softmax(1), 1, generator=generator)[:, 0]
+        assert temperature(logits, labels) == pytest.approx(true, rel=0.05)
+
+
+def test_an_ensemble_saved_before_temperatures_loads_at_temperature_one():
+    """A state dict of an ensemble from before version 2 (no temperatures) still loads, and
+    averages its members as it did; a mismatched list of temperatures is refused."""
+    saved = models.Ensemble([models.build("fast") for _ in range(2)], [0.5, 2.0]).state_dict()
+    del saved["temperatures"]
+    saved._metadata[""]["version"] = 1  # type: ignore[attr-defined]
+    loaded = models.Ensemble([models.build("fast") for _ in range(2)], [0.7, 0.7])
+    loaded.load_state_dict(saved)
+    assert loaded.temperatures.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="one positive temperature per member"):
+        models.Ensemble([models.build("fast")], [1.0, 2.0])
+    with pytest.raises(ValueError, match="one positive temperature per member"):
+        models.Ensemble([models.build("fast")], [0.0])
+
+
 def test_an_ensemble_exports_to_one_onnx_graph_of_its_members_mean(tmp_path: Path):
-    """The served graph of an ensemble: the members' probabilities averaged in PyTorch, to
-    1e-4, for one image and for a batch of raw 0-255 pixels."""
+    """The served graph of an ensemble: the members' probabilities, each at its temperature,
+    averaged in PyTorch, to 1e-4, for one image and for a batch of raw 0-255 pixels."""
     torch.manual_seed(0)
     members = [models.build("fast") for _ in range(3)]
     for member in members:  # untrained networks answer near-uniformly: spread them out
         for p in member.parameters():
             p.data.mul_(3)
-    ensemble = models.Ensemble(members).eval()
+    temperatures = [0.5, 1.0, 2.0]
+    ensemble = models.Ensemble(members, temperatures).eval()
     path = to_onnx(ensemble, tmp_path / "ensemble.onnx")
     pixels = torch.randint(0, 256, (64, 1, 28, 28)).float()
     with torch.no_grad():
-        expected = torch.stack([m.eval()(pixels).softmax(1) for m in members]).mean(0).numpy()
+        expected = (
+            torch.stack([(m.eval()(pixels) / t).softmax(1) for m, t in zip(members, temperatures)])
+            .mean(0)
+            .numpy()
+        )
     assert expected.max(1).min() < 0.9 < expected.max()  # some confident, some not
     for batch in (pixels[:1], pixels):
         served = onnx_probabilities(path, batch.numpy())

@@ -267,6 +267,7 @@ def record_outcome(
         **judged.metrics,
         "train_seconds": train_seconds,
         "onnx_max_abs_diff": logged.onnx_max_abs_diff,
+        **member_temperatures(model),
     }
     run.log_results(accuracy, final, logged.model_id)
     log_test_reports(
@@ -281,6 +282,15 @@ def record_outcome(
     )
     _log_weights(run, resolved, model, workdir)
     return Outcome(accuracy, final["test_macro_f1"], logged)
+
+
+def member_temperatures(model: nn.Module) -> dict[str, float]:
+    """An ensemble's member_K_temperature, each fitted on the validation digits (see
+    networks.Ensemble); nothing for a single network."""
+    temperatures = getattr(model, "temperatures", None)
+    if temperatures is None:
+        return {}
+    return {f"member_{k}_temperature": float(t) for k, t in enumerate(temperatures)}
 
 
 def judge(model: nn.Module, splits: data.MnistSplits, test: Evaluation) -> abstention.Abstention:

@@ -225,7 +225,11 @@ def fit(
         network = network.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         _fit_one(member_config, network, images, labels, val, steps, history)
         members.append(network)
-    trained = members[0] if len(members) == 1 else networks.Ensemble(members)
+    if len(members) == 1:
+        trained = members[0]
+    else:
+        temperatures = [temperature(outputs(m, val.images), val.labels) for m in members]
+        trained = networks.Ensemble(members, temperatures)
     return FitResult(
         model=trained.eval(),
         device=device,
@@ -307,6 +311,26 @@ def _fit_one(
         }
         history.append(metrics)
         steps.reporter.log_epoch(len(history), metrics)
+
+
+# The range a fitted temperature is searched in: far wider than any seen (0.45-1.5).
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+def temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T at which softmax(logits / T) has the least cross-entropy on labels
+    (temperature scaling, Guo et al. 2017): fitted on validation digits, never the test set."""
+    # SciPy's bounded scalar minimiser (scikit-learn's dependency), on log T: one smooth
+    # convex-in-practice variable needs no optimiser of our own.
+    from scipy.optimize import minimize_scalar
+
+    logits, labels = logits.double(), labels.cpu()
+
+    def loss(log_t: float) -> float:
+        return F.cross_entropy(logits / math.exp(log_t), labels).item()
+
+    low, high = (math.log(b) for b in TEMPERATURE_BOUNDS)
+    return math.exp(minimize_scalar(loss, bounds=(low, high), method="bounded").x)
 
 
 # Images per forward pass when evaluating on the CPU. Small enough that a batch's activations

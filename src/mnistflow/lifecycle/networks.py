@@ -151,19 +151,57 @@ class Ensemble(nn.Module):
     """Several networks answering as one, so that it is logged, exported to one ONNX graph and
     served like any single network.
 
+    Each member's logits are divided by its temperature before the members' probabilities are
+    averaged. The temperatures are fitted on the validation digits after training (temperature
+    scaling; engines/plain.py): trained with label smoothing, a member is under-confident
+    (fitted temperatures 0.45-0.48 for the quality preset's members), and averaging members
+    put back on the scale their validation digits ask for ranks non-digits below digits
+    better (measured: non-digit AUROC 0.941 -> 0.960 for four members; README). A
+    temperature changes no member's argmax.
+
     Its output is the log of the members' mean probabilities: a softmax of it (what the
     export adds) gives exactly their averaged probabilities, and the abstain threshold, the
     metrics and the promotion read it like any network's logits.
     """
 
-    def __init__(self, members: Sequence[nn.Module]) -> None:
+    # PyTorch's way to mark a change of what a state dict holds: 2 adds the temperatures.
+    _version = 2
+
+    def __init__(
+        self, members: Sequence[nn.Module], temperatures: Sequence[float] | None = None
+    ) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+        if temperatures is None:
+            temperatures = [1.0] * len(members)
+        if len(temperatures) != len(members) or not all(t > 0 for t in temperatures):
+            raise ValueError(f"one positive temperature per member, got {list(temperatures)}")
+        self.register_buffer("temperatures", torch.tensor(list(temperatures), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In float32, whatever the members ran in (bf16 autocast): the average is the answer.
-        log_probabilities = torch.stack([m(x).float().log_softmax(1) for m in self.members])
+        log_probabilities = torch.stack(
+            [
+                (m(x).float() / self.temperatures[k]).log_softmax(1)
+                for k, m in enumerate(self.members)
+            ]
+        )
         return log_probabilities.logsumexp(0) - math.log(len(self.members))
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, *args, **kwargs
+    ) -> None:
+        # Ensembles saved before version 2 averaged their members as they were: temperature 1.
+        key = prefix + "temperatures"
+        if local_metadata.get("version", 1) < 2 and key not in state_dict:
+            state_dict[key] = torch.ones(len(self.members))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        # An ensemble pickled before version 2 (mlflow.pytorch's logged model) has no buffer.
+        super().__setstate__(state)
+        if "temperatures" not in self._buffers:
+            self.register_buffer("temperatures", torch.ones(len(self.members)))
 
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
