@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -127,7 +128,10 @@ def test_members_are_the_networks_their_seeds_train_alone_answering_as_one(
     assert both.model.temperatures.tolist() == pytest.approx(fitted, rel=1e-6)
     assert fitted[0] != fitted[1]
     mean = torch.stack(
-        [(outputs(r.model, small.test.images) / t).softmax(1) for r, t in zip(alone, fitted)]
+        [
+            (outputs(r.model, small.test.images) / t).softmax(1)
+            for r, t in zip(alone, fitted, strict=True)
+        ]
     ).mean(0)
     assert torch.allclose(evaluate(both.model, small.test).probabilities, mean, atol=1e-6)
 
@@ -143,14 +147,21 @@ def test_the_fitted_temperature_is_the_one_the_labels_were_drawn_at():
 
 
 def test_an_ensemble_saved_before_temperatures_loads_at_temperature_one():
-    """A state dict of an ensemble from before version 2 (no temperatures) still loads, and
-    averages its members as it did; a mismatched list of temperatures is refused."""
+    """An ensemble saved before version 2 (no temperatures), as a state dict or pickled,
+    still loads and averages its members as it did; a mismatched list of temperatures is
+    refused."""
     saved = models.Ensemble([models.build("fast") for _ in range(2)], [0.5, 2.0]).state_dict()
     del saved["temperatures"]
     saved._metadata[""]["version"] = 1  # type: ignore[attr-defined]
     loaded = models.Ensemble([models.build("fast") for _ in range(2)], [0.7, 0.7])
     loaded.load_state_dict(saved)
     assert loaded.temperatures.tolist() == [1.0, 1.0]
+    # ... and so does one pickled whole before then (mlflow.pytorch's logged model).
+    pickled = models.Ensemble([models.build("fast") for _ in range(2)])
+    del pickled._buffers["temperatures"]
+    unpickled = pickle.loads(pickle.dumps(pickled))
+    assert unpickled.temperatures.tolist() == [1.0, 1.0]
+    assert unpickled(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
     with pytest.raises(ValueError, match="one positive temperature per member"):
         models.Ensemble([models.build("fast")], [1.0, 2.0])
     with pytest.raises(ValueError, match="one positive temperature per member"):
@@ -171,7 +182,12 @@ def test_an_ensemble_exports_to_one_onnx_graph_of_its_members_mean(tmp_path: Pat
     pixels = torch.randint(0, 256, (64, 1, 28, 28)).float()
     with torch.no_grad():
         expected = (
-            torch.stack([(m.eval()(pixels) / t).softmax(1) for m, t in zip(members, temperatures)])
+            torch.stack(
+                [
+                    (m.eval()(pixels) / t).softmax(1)
+                    for m, t in zip(members, temperatures, strict=True)
+                ]
+            )
             .mean(0)
             .numpy()
         )

@@ -166,6 +166,7 @@ class Ensemble(nn.Module):
 
     # PyTorch's way to mark a change of what a state dict holds: 2 adds the temperatures.
     _version = 2
+    temperatures: torch.Tensor  # (members,), a buffer
 
     def __init__(
         self, members: Sequence[nn.Module], temperatures: Sequence[float] | None = None
@@ -199,7 +200,7 @@ class Ensemble(nn.Module):
 
     def __setstate__(self, state: dict[str, object]) -> None:
         # An ensemble pickled before version 2 (mlflow.pytorch's logged model) has no buffer.
-        super().__setstate__(state)
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
         if "temperatures" not in self._buffers:
             self.register_buffer("temperatures", torch.ones(len(self.members)))
 
