@@ -250,6 +250,25 @@ def test_commands_that_need_a_store_do_not_create_an_empty_one(
 
 
 @pytest.mark.slow
+def test_a_pipeline_whose_first_model_is_refused_ends_with_the_decision(store: str, cli):
+    """No model of the name is champion and the new one falls short of the floor: the
+    pipeline says so and why (exit 0, its decision is the outcome), with no sample digits
+    to classify, instead of failing to load a champion that does not exist."""
+    args = ["pipeline", "--limit-train", "2000", "--epochs", "1", "--min-accuracy", "0.9999",
+            "--tracking-uri", store]  # fmt: skip
+    result = cli(*args, "--json")
+    assert result.exit_code == 0, result.stderr
+    outcome = result.json()
+    assert outcome["promotion"]["promoted"] is False and outcome["samples"] is None
+    assert "below the minimum 0.9999" in outcome["promotion"]["reason"]
+    assert outcome["promotion"]["champion_version"] is None
+    assert "champion" not in MlflowClient(store).get_registered_model("mnist").aliases
+    shown = cli(*args)
+    assert shown.exit_code == 0, shown.stderr
+    assert "has no @champion to answer them yet" in " ".join(shown.stderr.split())
+
+
+@pytest.mark.slow
 def test_pipeline_loads_mnist_once_and_takes_an_ensemble_whole(
     store: str, tmp_path: Path, cli, monkeypatch
 ):

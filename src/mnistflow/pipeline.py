@@ -64,6 +64,9 @@ def run_pipeline(
         test=splits.test,
         writers=splits.writers,
     )
+    if decision.champion_version is None:
+        # The first model of this name was refused: no champion answers the samples.
+        return {"train": summary.as_dict(), "promotion": decision.as_dict(), "samples": None}
     truth = write_sample_digits(splits.test, samples)
     classifier, _ = batch.load_classifier(f"models:/{model_name}@champion")
     digits = batch.collect([samples])

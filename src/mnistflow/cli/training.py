@@ -305,6 +305,12 @@ def pipeline(
     print_result(result["train"], False, "Training run")
     print_decision(result["promotion"])
     s = result["samples"]
+    if s is None:
+        err.print(
+            f"No sample digits: {model_name} has no @champion to answer them yet. Next: "
+            "[bold]mnistflow ui[/] to see why the model was refused (the promote run)."
+        )
+        return
     out.print(
         f"Sample digits in {s['folder']}/: true {s['true']}, predicted {s['predicted']} "
         f"({s['correct']}/{len(s['true'])} right)."
